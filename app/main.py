@@ -1,0 +1,94 @@
+"""The ASGI app: API routers, problem handlers, health, and the lifespan that hosts background roles."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from app.core import migrate
+from app.core.components import Component
+from app.core.context import AppContext
+from app.core.problems import BodySizeLimit, install_problem_handlers
+from app.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Spacebell tells people before a Twitter/X Space starts, by signed webhook or by email.
+
+Authenticate with `Authorization: Bearer <api key>` (create one with `spacebell accounts create NAME`).
+Errors are RFC 9457 `application/problem+json` documents naming the offending field in `invalid_params`.
+POST requests accept an `Idempotency-Key` header.
+"""
+
+
+def create_app(ctx: AppContext | None = None, *, components: Sequence[Component] = (), single_writer: bool = True) -> FastAPI:
+    ctx = ctx or AppContext.from_settings(get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if ctx.db.is_sqlite and single_writer:
+            ctx.db.acquire_writer_lock()
+        if ctx.settings.migrate_on_start:
+            await migrate.upgrade(ctx.db.engine)
+        started: list[Component] = []
+        try:
+            for component in components:
+                await component.start()
+                started.append(component)
+            yield
+        finally:
+            for component in reversed(started):
+                try:
+                    await component.stop()
+                except Exception:
+                    log.exception("stopping %s failed", component.name)
+            await ctx.db.dispose()
+
+    app = FastAPI(
+        title="Spacebell",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.ctx = ctx
+    app.state.components = list(components)
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=ctx.settings.max_body_bytes)
+
+    from app.delivery.router import router as endpoints_router
+    from app.subscriptions.router import router as subscriptions_router
+
+    app.include_router(endpoints_router)
+    app.include_router(subscriptions_router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Database reachable, migrations at head, roles working")
+    async def readyz() -> JSONResponse:
+        checks: dict[str, Any] = {}
+        ready = True
+        try:
+            await ctx.db.ping()
+            current = await migrate.current_revision(ctx.db.engine)
+            head = migrate.head_revision()
+            checks["database"] = {"ready": current == head, "revision": current, "head": head}
+            ready &= current == head
+        except Exception as exc:  # the point of /readyz is to report this, not raise it
+            checks["database"] = {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
+            ready = False
+        for component in app.state.components:
+            state = component.readiness()
+            checks[component.name] = state
+            ready &= bool(state.get("ready", True))
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+
+    return app

@@ -1,0 +1,148 @@
+"""Subscription rules: validation against the account's objects, limits, and the creator lookup cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.ids import new_id
+from app.core.pagination import PageParams, paginate
+from app.core.problems import ProblemError, invalid, not_found
+from app.delivery.models import EmailRecipient, WebhookEndpoint
+from app.delivery.service import get_or_create_recipient
+from app.spaces.models import Creator
+from app.subscriptions.models import Subscription, TargetKind, TargetStatus
+from app.subscriptions.schemas import (
+    SubscriptionCreate,
+    SubscriptionDelivery,
+    SubscriptionOut,
+    SubscriptionTarget,
+    SubscriptionUpdate,
+    normalize_keyword,
+)
+
+
+async def create_subscription(
+    session: AsyncSession, account_id: str, body: SubscriptionCreate, now: datetime, limit: int
+) -> Subscription:
+    count = await session.scalar(select(func.count()).where(Subscription.account_id == account_id))
+    if (count or 0) >= limit:
+        raise ProblemError(409, "Limit reached", f"an account may hold at most {limit} subscriptions", slug="limit-reached")
+
+    sub = Subscription(
+        id=new_id("sub"), account_id=account_id, include_hosts=body.include_hosts,
+        lead_times=list(body.lead_times), event_types=list(body.event_types), paused=False,
+        created_at=now, updated_at=now,
+    )
+    if body.keyword is not None:
+        sub.target_kind = TargetKind.keyword
+        sub.keyword = body.keyword
+        sub.keyword_normalized = normalize_keyword(body.keyword)
+        sub.target_status = TargetStatus.active
+    else:
+        sub.target_kind = TargetKind.creator
+        sub.creator_id = body.creator_id
+        sub.creator_username = body.creator_username
+        sub.target_status = TargetStatus.active
+        if body.creator_username is not None:
+            known = await session.scalar(select(Creator).where(Creator.username_lower == body.creator_username.lower()))
+            if known is not None:
+                sub.creator_id = known.id
+            else:
+                sub.target_status = TargetStatus.resolving
+                sub.target_status_detail = "waiting for X's user lookup"
+
+    if body.webhook_endpoint_id is not None:
+        endpoint = await session.get(WebhookEndpoint, body.webhook_endpoint_id)
+        if endpoint is None or endpoint.account_id != account_id:
+            raise invalid("body.webhook_endpoint_id", "no such webhook endpoint in this account")
+        sub.webhook_endpoint_id = endpoint.id
+    else:
+        assert body.email is not None
+        recipient = await get_or_create_recipient(session, account_id, body.email, now, body.email_timezone)
+        sub.email_recipient_id = recipient.id
+
+    session.add(sub)
+    await session.flush()
+    return sub
+
+
+async def get_subscription(session: AsyncSession, account_id: str, subscription_id: str) -> Subscription:
+    sub = await session.get(Subscription, subscription_id)
+    if sub is None or sub.account_id != account_id:
+        raise not_found("subscription")
+    return sub
+
+
+@dataclass
+class SubscriptionFilter:
+    target_kind: str | None = None
+    creator_id: str | None = None
+    creator_username: str | None = None
+    keyword: str | None = None
+    webhook_endpoint_id: str | None = None
+    paused: bool | None = None
+
+
+async def list_subscriptions(
+    session: AsyncSession, account_id: str, filters: SubscriptionFilter, page: PageParams
+) -> list[Subscription]:
+    stmt = select(Subscription).where(Subscription.account_id == account_id)
+    if filters.target_kind:
+        stmt = stmt.where(Subscription.target_kind == filters.target_kind)
+    if filters.creator_id:
+        stmt = stmt.where(Subscription.creator_id == filters.creator_id)
+    if filters.creator_username:
+        stmt = stmt.where(func.lower(Subscription.creator_username) == filters.creator_username.lower().lstrip("@"))
+    if filters.keyword:
+        stmt = stmt.where(Subscription.keyword_normalized == normalize_keyword(filters.keyword))
+    if filters.webhook_endpoint_id:
+        stmt = stmt.where(Subscription.webhook_endpoint_id == filters.webhook_endpoint_id)
+    if filters.paused is not None:
+        stmt = stmt.where(Subscription.paused == filters.paused)
+    return list(await session.scalars(paginate(stmt, Subscription.id, page)))
+
+
+def apply_update(sub: Subscription, body: SubscriptionUpdate, now: datetime) -> None:
+    if body.lead_times is not None:
+        sub.lead_times = list(body.lead_times)
+    if body.event_types is not None:
+        sub.event_types = list(body.event_types)
+    if body.paused is not None:
+        sub.paused = body.paused
+    if body.include_hosts is not None:
+        if body.include_hosts and sub.target_kind != TargetKind.creator:
+            raise invalid("body.include_hosts", "applies to creator subscriptions only")
+        sub.include_hosts = body.include_hosts
+    sub.updated_at = now
+
+
+async def recipients_by_id(session: AsyncSession, subs: list[Subscription]) -> dict[str, EmailRecipient]:
+    ids = {s.email_recipient_id for s in subs if s.email_recipient_id}
+    if not ids:
+        return {}
+    return {r.id: r for r in await session.scalars(select(EmailRecipient).where(EmailRecipient.id.in_(ids)))}
+
+
+def to_out(sub: Subscription, recipients: dict[str, EmailRecipient]) -> SubscriptionOut:
+    recipient = recipients.get(sub.email_recipient_id) if sub.email_recipient_id else None
+    return SubscriptionOut(
+        id=sub.id,
+        target=SubscriptionTarget(
+            kind=sub.target_kind, creator_id=sub.creator_id, creator_username=sub.creator_username,
+            keyword=sub.keyword, include_hosts=sub.include_hosts, status=sub.target_status,
+            status_detail=sub.target_status_detail,
+        ),
+        delivery=SubscriptionDelivery(
+            channel="webhook" if sub.webhook_endpoint_id else "email",
+            webhook_endpoint_id=sub.webhook_endpoint_id,
+            email=recipient.address if recipient else None,
+            email_confirmed=(recipient.confirmed_at is not None and recipient.unsubscribed_at is None)
+            if recipient else None,
+        ),
+        lead_times=sub.lead_times, event_types=sub.event_types, paused=sub.paused,
+        created_at=sub.created_at, updated_at=sub.updated_at,
+    )
