@@ -33,6 +33,14 @@ PG_ADMIN_DB = os.environ.get("SPACEBELL_TEST_PG_DB", "test")
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
+def run_in_thread(coro: Any) -> Any:
+    """Run a coroutine to completion on its own loop; session fixtures may be set up inside a running loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,22 +68,22 @@ def pg_database() -> Iterator[str]:
     """A PostgreSQL database of this test session's own, migrated to head, dropped at the end."""
     name = f"spacebell_t_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
-        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+        run_in_thread(_pg_admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(
             f"PostgreSQL at {PG_HOST}:{PG_PORT} is required for the test suite ({exc}); start it with "
             "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
         )
     url = f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
-    asyncio.run(_migrate(url))
+    run_in_thread(_migrate(url))
     yield url
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_in_thread(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite") / "template.db"
-    asyncio.run(_migrate(f"sqlite+aiosqlite:///{path}"))
+    run_in_thread(_migrate(f"sqlite+aiosqlite:///{path}"))
     return path
 
 

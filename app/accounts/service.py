@@ -31,7 +31,7 @@ def _hash(secret: str) -> str:
 
 
 def _split(api_key: str) -> tuple[str, str] | None:
-    parts = api_key.split("_")
+    parts = api_key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME or not parts[1] or not parts[2]:
         return None
     return parts[1], parts[2]

@@ -1,0 +1,66 @@
+"""Prometheus metrics of delivery, on the default registry (exposed wherever /metrics is served).
+
+The channel senders record their own attempts; the dispatcher may record notification-level
+outcomes and lateness with the helpers at the bottom.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
+_LATENESS_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+
+webhook_attempts = Counter(
+    "spacebell_webhook_attempts_total",
+    "Webhook requests by outcome (delivered, retry, failed, gone).",
+    ["outcome"],
+)
+webhook_latency = Histogram(
+    "spacebell_webhook_attempt_seconds",
+    "Time from sending a webhook request to reading its response.",
+    buckets=_LATENCY_BUCKETS,
+)
+webhook_in_flight = Gauge("spacebell_webhook_in_flight", "Webhook requests in flight.")
+
+email_attempts = Counter(
+    "spacebell_email_attempts_total",
+    "SMTP submissions by outcome (delivered, retry, failed).",
+    ["outcome"],
+)
+email_latency = Histogram(
+    "spacebell_email_attempt_seconds",
+    "Time to hand one message to the SMTP server.",
+    buckets=_LATENCY_BUCKETS,
+)
+smtp_connections_opened = Counter(
+    "spacebell_smtp_connections_opened_total", "SMTP connections opened (low when connections are reused)."
+)
+
+notifications_finished = Counter(
+    "spacebell_notifications_finished_total",
+    "Notifications that reached a terminal state, by channel and state.",
+    ["channel", "state"],
+)
+delivery_lateness = Histogram(
+    "spacebell_delivery_lateness_seconds",
+    "How long after its due time a notification was delivered.",
+    ["channel"],
+    buckets=_LATENESS_BUCKETS,
+)
+
+
+def record_webhook_attempt(outcome: str, latency_ms: float) -> None:
+    webhook_attempts.labels(outcome=outcome).inc()
+    webhook_latency.observe(latency_ms / 1000.0)
+
+
+def record_email_attempt(outcome: str, latency_ms: float) -> None:
+    email_attempts.labels(outcome=outcome).inc()
+    email_latency.observe(latency_ms / 1000.0)
+
+
+def record_notification_finished(channel: str, state: str, lateness_seconds: float | None = None) -> None:
+    notifications_finished.labels(channel=channel, state=state).inc()
+    if lateness_seconds is not None:
+        delivery_lateness.labels(channel=channel).observe(max(0.0, lateness_seconds))
