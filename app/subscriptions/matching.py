@@ -1,0 +1,144 @@
+"""Which subscriptions want which Spaces, through indexes rather than a loop over subscriptions x Spaces.
+
+Keyword semantics (documented in the README): the keyword and the title are compared after NFKC
+normalization, Unicode case folding and collapsing whitespace; a keyword matches when it occurs in
+the title as a contiguous phrase (a substring), as X's Spaces search matches its `query`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import ahocorasick
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.spaces.models import Space, SpaceState
+from app.subscriptions.models import Subscription, TargetKind, TargetStatus
+from app.subscriptions.schemas import normalize_keyword
+
+_CHUNK = 500
+
+
+class KeywordIndex:
+    """An Aho-Corasick automaton over normalized keywords: one pass over a title finds every keyword in it."""
+
+    def __init__(self, keywords: Iterable[str]) -> None:
+        self._automaton = ahocorasick.Automaton()
+        count = 0
+        for keyword in set(keywords):
+            if keyword:
+                self._automaton.add_word(keyword, keyword)
+                count += 1
+        self.size = count
+        if count:
+            self._automaton.make_automaton()
+
+    def matches(self, title: str | None) -> set[str]:
+        if not title or not self.size:
+            return set()
+        return {keyword for _end, keyword in self._automaton.iter(normalize_keyword(title))}
+
+
+@dataclass
+class KeywordIndexCache:
+    """Rebuilds the index only when keyword subscriptions changed (count or latest change moved)."""
+
+    _fingerprint: tuple[object, ...] | None = None
+    _index: KeywordIndex = field(default_factory=lambda: KeywordIndex(()))
+
+    async def get(self, session: AsyncSession) -> KeywordIndex:
+        fingerprint = tuple(
+            (
+                await session.execute(
+                    select(func.count(), func.max(Subscription.updated_at), func.max(Subscription.created_at)).where(
+                        Subscription.target_kind == TargetKind.keyword
+                    )
+                )
+            ).one()
+        )
+        if fingerprint != self._fingerprint:
+            keywords = await session.scalars(
+                select(Subscription.keyword_normalized)
+                .where(Subscription.target_kind == TargetKind.keyword)
+                .distinct()
+            )
+            self._index = KeywordIndex(k for k in keywords if k)
+            self._fingerprint = fingerprint
+        return self._index
+
+
+def _chunks(values: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def creator_matches(sub: Subscription, space: Space) -> bool:
+    if sub.creator_id is None:
+        return False
+    return sub.creator_id == space.creator_id or (sub.include_hosts and sub.creator_id in (space.host_ids or []))
+
+
+async def subscriptions_for_spaces(
+    session: AsyncSession, spaces: Sequence[Space], index: KeywordIndex, *, include_paused: bool = False
+) -> dict[str, list[Subscription]]:
+    """Space id -> the live subscriptions (creator and keyword) that match it."""
+    result: dict[str, list[Subscription]] = {space.id: [] for space in spaces}
+    if not spaces:
+        return result
+
+    people = sorted({s.creator_id for s in spaces} | {h for s in spaces for h in (s.host_ids or [])})
+    by_creator: dict[str, list[Subscription]] = defaultdict(list)
+    for chunk in _chunks(people):
+        stmt = select(Subscription).where(
+            Subscription.target_kind == TargetKind.creator,
+            Subscription.target_status == TargetStatus.active,
+            Subscription.creator_id.in_(chunk),
+        )
+        if not include_paused:
+            stmt = stmt.where(Subscription.paused.is_(False))
+        for sub in await session.scalars(stmt):
+            by_creator[sub.creator_id or ""].append(sub)
+
+    title_keywords = {space.id: index.matches(space.title) for space in spaces}
+    wanted = sorted(set().union(*title_keywords.values()))
+    by_keyword: dict[str, list[Subscription]] = defaultdict(list)
+    for chunk in _chunks(wanted):
+        stmt = select(Subscription).where(
+            Subscription.target_kind == TargetKind.keyword, Subscription.keyword_normalized.in_(chunk)
+        )
+        if not include_paused:
+            stmt = stmt.where(Subscription.paused.is_(False))
+        for sub in await session.scalars(stmt):
+            by_keyword[sub.keyword_normalized or ""].append(sub)
+
+    for space in spaces:
+        seen: set[str] = set()
+        matched = result[space.id]
+        candidates = list(by_creator.get(space.creator_id, ()))
+        for host in space.host_ids or []:
+            candidates += [s for s in by_creator.get(host, ()) if s.include_hosts]
+        for keyword in title_keywords[space.id]:
+            candidates += by_keyword.get(keyword, ())
+        for sub in candidates:
+            if sub.id not in seen:
+                seen.add(sub.id)
+                matched.append(sub)
+    return result
+
+
+async def upcoming_spaces_for_subscription(session: AsyncSession, sub: Subscription, now: datetime) -> list[Space]:
+    """Stored Spaces, scheduled and not yet started, that a (new or changed) subscription wants."""
+    stmt = select(Space).where(Space.state == SpaceState.scheduled, Space.scheduled_start > now)
+    if sub.target_kind == TargetKind.creator:
+        if sub.creator_id is None or sub.target_status != TargetStatus.active:
+            return []
+        if not sub.include_hosts:
+            return list(await session.scalars(stmt.where(Space.creator_id == sub.creator_id)))
+        return [s for s in await session.scalars(stmt) if creator_matches(sub, s)]
+    keyword = sub.keyword_normalized or ""
+    # SQL LIKE cannot casefold Unicode the same way on both databases, so the title check runs here.
+    return [s for s in await session.scalars(stmt) if keyword and keyword in normalize_keyword(s.title or "")]

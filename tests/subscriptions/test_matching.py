@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from app.accounts.service import create_account
+from app.core.context import AppContext
+from app.spaces.models import Space
+from app.subscriptions.matching import (
+    KeywordIndex,
+    KeywordIndexCache,
+    subscriptions_for_spaces,
+    upcoming_spaces_for_subscription,
+)
+from app.subscriptions.schemas import SubscriptionCreate, normalize_keyword
+from app.subscriptions.service import create_subscription
+
+
+def test_keyword_index_is_case_insensitive_unicode_phrase_match() -> None:
+    index = KeywordIndex(normalize_keyword(k) for k in ["Python", "Straße", "東京", "AI  news", "🚀 Launch"])
+    assert index.matches("Weekly PYTHON hangout") == {"python"}
+    assert index.matches("Die STRASSE talk") == {"strasse"}
+    assert index.matches("Die Straße") == {"strasse"}
+    assert index.matches("東京の夜 🌃") == {"東京"}
+    assert index.matches("Daily  AI   News with friends") == {"ai news"}
+    assert index.matches("news about ai") == set()
+    assert index.matches("🚀 LAUNCH party") == {"🚀 launch"}
+    assert index.matches(None) == set()
+    assert KeywordIndex([]).matches("anything") == set()
+
+
+def _space(now, sid: str, creator: str, title: str, hosts: list[str] | None = None) -> Space:  # type: ignore[no-untyped-def]
+    return Space(
+        id=sid, creator_id=creator, title=title, state="scheduled", scheduled_start=now + timedelta(hours=1),
+        host_ids=hosts or [creator], first_seen_at=now, last_seen_at=now, revision=1, is_ticketed=False,
+    )
+
+
+async def test_subscriptions_for_spaces_by_creator_hosts_and_keyword(ctx: AppContext) -> None:
+    now = ctx.clock.now()
+    async with ctx.db.write() as session:
+        account = (await create_account(session, "a", now)).account_id
+
+        async def sub(**kw):  # type: ignore[no-untyped-def]
+            return await create_subscription(session, account, SubscriptionCreate(email="a@example.com", **kw), now, 100)
+
+        by_creator = await sub(creator_id="111")
+        with_hosts = await sub(creator_id="222", include_hosts=True)
+        only_creator = await sub(creator_id="333")
+        keyword = await sub(keyword="Rust")
+        paused = await sub(keyword="rust lang")
+        paused.paused = True
+        spaces = [
+            _space(now, "AAAAAAAAAAAAA", "111", "Rust lang weekly", hosts=["111", "222", "333"]),
+            _space(now, "BBBBBBBBBBBBB", "999", "gardening"),
+        ]
+        session.add_all(spaces)
+        await session.flush()
+        index = await KeywordIndexCache().get(session)
+        matched = await subscriptions_for_spaces(session, spaces, index)
+        assert {s.id for s in matched["AAAAAAAAAAAAA"]} == {by_creator.id, with_hosts.id, keyword.id}
+        assert matched["BBBBBBBBBBBBB"] == []
+        assert only_creator.id not in {s.id for s in matched["AAAAAAAAAAAAA"]}
+
+        assert [s.id for s in await upcoming_spaces_for_subscription(session, keyword, now)] == ["AAAAAAAAAAAAA"]
+        assert [s.id for s in await upcoming_spaces_for_subscription(session, with_hosts, now)] == ["AAAAAAAAAAAAA"]
+        later = now + timedelta(hours=2)
+        assert await upcoming_spaces_for_subscription(session, keyword, later) == []
+
+
+async def test_keyword_index_cache_rebuilds_on_change(ctx: AppContext) -> None:
+    now = ctx.clock.now()
+    cache = KeywordIndexCache()
+    async with ctx.db.write() as session:
+        account = (await create_account(session, "a", now)).account_id
+        assert (await cache.get(session)).matches("go live") == set()
+        await create_subscription(session, account, SubscriptionCreate(keyword="go", email="a@example.com"), now, 100)
+        assert (await cache.get(session)).matches("go live") == {"go"}
