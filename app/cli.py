@@ -180,3 +180,5 @@ def worker() -> None:
 def scheduler(simulate: bool) -> None:
     """Discovery only (one leader at a time across processes)."""
     _run_roles({"scheduler"}, simulate=simulate)
+if __name__ == "__main__":
+    main()
