@@ -1,3 +1,4 @@
+# Editable install: Alembic reads alembic.ini and migrations/ beside the code.
 # Spacebell: applies migrations, then serves API, discovery and dispatcher (set SPACEBELL_* at run time).
 FROM python:3.11-slim
 
@@ -9,7 +10,7 @@ WORKDIR /srv/spacebell
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install -e . \
     && useradd --system --uid 10001 --home-dir /srv/spacebell spacebell \
     && mkdir -p /data && chown spacebell /data
 

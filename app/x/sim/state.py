@@ -496,8 +496,8 @@ class SimState:
                 "gone_mode": self.gone_mode,
                 "problem_base": self.problem_base,
             },
-            "users": [_jsonable(asdict(u)) for u in self.users.values()],
-            "spaces": [_jsonable(asdict(s)) for s in self.spaces.values()],
+            "users": [to_json_dict(asdict(u)) for u in self.users.values()],
+            "spaces": [to_json_dict(asdict(s)) for s in self.spaces.values()],
             "faults": {
                 "responses": {k: asdict(v) for k, v in self.response_faults.items()},
                 "delays": {k: asdict(v) for k, v in self.delay_faults.items()},
@@ -571,5 +571,5 @@ def _iso(dt: datetime | None) -> str | None:
     return x_timestamp(dt) if dt else None
 
 
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
     return {k: x_timestamp(v) if isinstance(v, datetime) else v for k, v in record.items()}
