@@ -3,8 +3,9 @@
 Two checks, because a URL checked once can later resolve elsewhere (DNS rebinding):
 
 * `check_webhook_url` / `check_webhook_url_async` when an endpoint is registered or changed;
-* `PolicyResolver` inside the sender's connector, on every fresh connection, plus a literal-IP
-  check in the sender itself because aiohttp never asks the resolver about IP literals.
+* `PolicyResolver` inside the sender's connector, on every fresh connection, plus
+  `check_webhook_url` in the sender before each request, because aiohttp never asks the
+  resolver about IP literals.
 """
 
 from __future__ import annotations
@@ -212,13 +213,23 @@ def _split_and_check_syntax(url: str, allow_http: bool) -> tuple[str, str, int]:
     host = (parsed.raw_host or "").lower()
     if not host:
         raise EgressPolicyError("webhook URL must have a host name")
-    if (parsed.host or "").lower() != (other_host or "").lower():
+    if not _same_host(parsed.host or "", other_host or ""):
         raise EgressPolicyError("webhook URL is ambiguous (parsers disagree about its host)")
     if not port:
         raise EgressPolicyError("webhook URL has an invalid port")
     if _is_legacy_numeric_ipv4(host):
         raise EgressPolicyError(f"webhook host {host} is a non-canonical IP address — {POLICY}")
     return scheme, host, port
+
+
+def _same_host(first: str, second: str) -> bool:
+    first, second = first.lower().replace("%25", "%"), second.lower().replace("%25", "%")
+    if first == second:
+        return True
+    try:  # IPv6 literals have many spellings: 2002:0a00:0001::1 == 2002:a00:1::1
+        return ipaddress.ip_address(first) == ipaddress.ip_address(second)
+    except ValueError:
+        return False
 
 
 def _literal_ip(host: str) -> str | None:
@@ -296,16 +307,6 @@ async def check_webhook_url_async(
     if not addresses:
         raise EgressPolicyError(f"webhook host {host} resolves to no address")
     _check_addresses(host, addresses, allowed)
-
-
-def check_connect_target(url_host: str, allowed_networks: Iterable[NetworkLike] | None = ()) -> None:
-    """Send-time check of what aiohttp's resolver never sees: IP literals (names go via PolicyResolver)."""
-    host = url_host.lower().strip("[]")
-    if _is_legacy_numeric_ipv4(host):
-        raise EgressPolicyError(f"webhook host {host} is a non-canonical IP address — {POLICY}")
-    ip = _literal_ip(host)
-    if ip is not None:
-        _check_addresses(host, [ip], parse_networks(allowed_networks))
 
 
 class PolicyResolver(AbstractResolver):

@@ -16,18 +16,21 @@ import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, parseaddr
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosmtplib
 
 from app.delivery import metrics
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,16 @@ def humanize_minutes(minutes: int) -> str:
     hours, mins = divmod(rest, 60)
     parts = [f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in ((days, "day"), (hours, "hour"), (mins, "minute")) if n]
     return " ".join(parts) or "0 minutes"
+
+
+def domain_of(address: str) -> str:
+    """`Spacebell <reminders@spacebell.example>` -> `spacebell.example` (for list_id_domain)."""
+    _name, addr = parseaddr(address)
+    local, at, domain = addr.rpartition("@")
+    domain = domain.lower()
+    if not (local and at and _DOMAIN.match(domain)):
+        raise ValueError(f"no domain in {address!r}")
+    return domain
 
 
 def _check_message_id_parts(notification_id: str, domain: str) -> None:
@@ -343,6 +356,9 @@ def classify_smtp_error(exc: BaseException) -> tuple[EmailOutcome, int | None, s
         return EmailOutcome.retry, exc.code, f"SMTP authentication failed: {exc.code} {exc.message}"
     if isinstance(exc, (aiosmtplib.SMTPConnectResponseError, aiosmtplib.SMTPHeloError)):
         return EmailOutcome.retry, exc.code, f"SMTP server refused the session: {exc.code} {exc.message}"
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 530:
+        # "Authentication required" / "Must issue STARTTLS first": our settings, not this message.
+        return EmailOutcome.retry, exc.code, f"SMTP server requires authentication or TLS: {exc.code} {exc.message}"
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         stage = {
             aiosmtplib.SMTPSenderRefused: "sender refused",
@@ -411,6 +427,22 @@ class SmtpSender:
         self._closed = False
         self.connections_opened = 0
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SmtpSender:
+        options: dict[str, Any] = {
+            "username": settings.smtp_username,
+            "password": settings.smtp_password,
+            "tls": str(settings.smtp_tls),
+            "timeout": settings.smtp_timeout_seconds,
+            "max_connections": settings.dispatcher_email_concurrency,
+        }
+        return cls(settings.smtp_host, settings.smtp_port, **(options | overrides))
+
+    async def start(self) -> None:
+        """Nothing to do: connections open on first use. Present so both senders start the same way."""
+        if self._closed:
+            raise RuntimeError("SmtpSender is closed")
+
     async def send(self, message: EmailMessage) -> EmailResult:
         """Submit one message; never raises for delivery problems."""
         if self._closed:
@@ -435,6 +467,10 @@ class SmtpSender:
                 self._discard(connection)
                 connection = await self._open()
                 errors, response = await connection.client.send_message(message)
+        except asyncio.CancelledError:
+            if connection is not None:
+                self._discard(connection)  # mid-conversation: the session state is unknown
+            raise
         except Exception as exc:  # noqa: BLE001 — every failure becomes an outcome
             outcome, code, error = classify_smtp_error(exc)
             if connection is not None:

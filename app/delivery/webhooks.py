@@ -15,18 +15,19 @@ import re
 import secrets as secrets_module
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from functools import lru_cache
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import EmptyWebhookSecretError
 from yarl import URL
 
 from app.delivery import metrics
@@ -34,9 +35,12 @@ from app.delivery.egress import (
     EgressPolicyError,
     NetworkLike,
     PolicyResolver,
-    check_connect_target,
+    check_webhook_url,
     parse_networks,
 )
+
+if TYPE_CHECKING:
+    from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,17 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> WebhookSender:
+        options: dict[str, Any] = {
+            "timeout_seconds": settings.webhook_timeout_seconds,
+            "max_in_flight": settings.dispatcher_concurrency,
+            "max_response_bytes": settings.webhook_max_response_bytes,
+            "allow_http": settings.webhook_allow_http,
+            "allowed_networks": settings.allowed_networks,
+        }
+        return cls(**(options | overrides))
+
     async def start(self) -> None:
         if self._session is not None:
             return
@@ -235,6 +250,8 @@ class WebhookSender:
             raise RuntimeError("WebhookSender.start() must be awaited before send()")
         if not _MSG_ID.match(msg_id):
             raise ValueError("msg_id must be 1-128 characters of [A-Za-z0-9_-]")
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=UTC)  # the signature treats naive times as UTC too
         async with self._slots:
             metrics.webhook_in_flight.inc()
             try:
@@ -242,24 +259,16 @@ class WebhookSender:
             finally:
                 metrics.webhook_in_flight.dec()
         metrics.record_webhook_attempt(result.outcome, result.latency_ms)
+        if result.outcome is not WebhookOutcome.delivered:
+            # The host only: webhook URLs often carry tokens in their path or query.
+            log.info("webhook %s to host %s: %s (%s)", msg_id, _host_of(url), result.outcome, result.error)
         return result
 
     def _check_target(self, url: str) -> URL:
-        try:
-            target = URL(url)
-        except (ValueError, TypeError) as exc:
-            raise EgressPolicyError(f"webhook URL is malformed ({exc})") from None
-        allowed_schemes = ("https", "http") if self.allow_http else ("https",)
-        if target.scheme not in allowed_schemes:
-            raise EgressPolicyError(
-                "webhook URL must use http or https" if self.allow_http else "webhook URL must use https"
-            )
-        if target.raw_user is not None or target.raw_password is not None:
-            raise EgressPolicyError("webhook URL must not contain a user name or password")
-        if not target.raw_host:
-            raise EgressPolicyError("webhook URL must have a host name")
-        check_connect_target(target.raw_host, self.allowed_networks)
-        return target
+        """The registration rules again, per send: settings may have changed, and IP literals never
+        reach the resolver (aiohttp connects to them directly)."""
+        check_webhook_url(url, allow_http=self.allow_http, allowed_networks=self.allowed_networks)
+        return URL(url)
 
     async def _attempt(
         self, url: str, secret: str | Sequence[str], msg_id: str, body: bytes, timestamp: datetime
@@ -275,17 +284,23 @@ class WebhookSender:
         except EgressPolicyError as exc:
             return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error=exc.reason)
 
+        try:
+            signature = sign_webhook(secret, msg_id, timestamp, body)
+        except (ValueError, EmptyWebhookSecretError):  # binascii.Error is a ValueError
+            return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error="the endpoint's webhook secret is invalid")
         headers = {
             "content-type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(math.floor(timestamp.timestamp())),
-            "webhook-signature": sign_webhook(secret, msg_id, timestamp, body),
+            "webhook-signature": signature,
         }
         try:
-            async with self._session.post(target, data=body, headers=headers, allow_redirects=False) as response:
-                status = response.status
-                excerpt = await self._read_excerpt(response)
-                return self._result_for_response(response, status, excerpt, elapsed_ms(), timestamp)
+            try:
+                return await self._post(target, body, headers, elapsed_ms, timestamp)
+            except aiohttp.ServerDisconnectedError:
+                # Most often a pooled keep-alive connection the server closed as we reused it;
+                # one immediate try on another connection (receivers dedupe on webhook-id).
+                return await self._post(target, body, headers, elapsed_ms, timestamp)
         except EgressPolicyError as exc:
             return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error=exc.reason)
         except TimeoutError:
@@ -310,6 +325,19 @@ class WebhookSender:
             return WebhookResult(
                 WebhookOutcome.retry, None, elapsed_ms(), error=f"HTTP error: {exc or type(exc).__name__}"
             )
+
+    async def _post(
+        self,
+        target: URL,
+        body: bytes,
+        headers: dict[str, str],
+        elapsed_ms: Callable[[], float],
+        timestamp: datetime,
+    ) -> WebhookResult:
+        assert self._session is not None
+        async with self._session.post(target, data=body, headers=headers, allow_redirects=False) as response:
+            excerpt = await self._read_excerpt(response)
+            return self._result_for_response(response, response.status, excerpt, elapsed_ms(), timestamp)
 
     async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
         """At most max_response_bytes of the body; a body that fails to arrive is not an outcome."""
@@ -358,6 +386,13 @@ class WebhookSender:
         return WebhookResult(
             outcome, status, latency_ms, error=error, response_excerpt=excerpt, retry_after_seconds=retry_after
         )
+
+
+def _host_of(url: str) -> str:
+    try:
+        return URL(url).host or "?"
+    except (ValueError, TypeError):
+        return "?"
 
 
 async def _read_up_to(stream: aiohttp.StreamReader, limit: int) -> bytes:

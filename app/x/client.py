@@ -23,7 +23,9 @@ from app.x.metrics import X_API_CALLS, X_RATE_LIMIT_REMAINING
 
 log = logging.getLogger(__name__)
 
-SPACE_FIELDS = "title,state,scheduled_start,started_at,ended_at,creator_id,host_ids,lang,is_ticketed,created_at,updated_at"
+SPACE_FIELDS = (
+    "title,state,scheduled_start,started_at,ended_at,creator_id,host_ids,lang,is_ticketed,created_at,updated_at"
+)
 SPACE_EXPANSIONS = "creator_id"
 USER_FIELDS = "username,name"
 MAX_IDS_PER_CALL = 100
@@ -297,7 +299,7 @@ class XClient:
             except httpx.TransportError as exc:
                 X_API_CALLS.labels(endpoint, "error").inc()
                 failures += 1
-                await self._retry_or_raise(endpoint, failures, f"{type(exc).__name__}: {exc or 'no detail'}")
+                await self._retry_or_raise(endpoint, failures, f"{type(exc).__name__}: {str(exc) or 'no detail'}")
                 continue
 
             status = response.status_code
@@ -340,7 +342,7 @@ class XClient:
         await self._sleep(delay)
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (attempt - 1))
+        ceiling = min(self._backoff_cap, self._backoff_base * 2.0 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
     async def _wait_for_rate_limit(self, endpoint: str, rate_limit: RateLimit | None, waits: int) -> None:

@@ -7,7 +7,6 @@ clock instead of sleeping, so rate-limit waits and backoff cost no real time.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,25 +15,12 @@ from app.core.clock import ManualClock
 from app.x.client import XClient
 from app.x.sim import RunningSim, SimState, create_sim_app, running_sim
 
-START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-TOKEN = "sim-token"
+from .helpers import START, TOKEN, RecordingSleep
 
 
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
-
-
-class RecordingSleep:
-    """Records each requested wait and moves the shared clock by it."""
-
-    def __init__(self, clock: ManualClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
 
 
 @pytest.fixture
@@ -68,9 +54,7 @@ async def sim(start_sim: Callable[..., Awaitable[RunningSim]]) -> RunningSim:
 
 
 @pytest.fixture
-async def make_client(
-    clock: ManualClock, sleep: RecordingSleep
-) -> AsyncIterator[Callable[..., XClient]]:
+async def make_client(clock: ManualClock, sleep: RecordingSleep) -> AsyncIterator[Callable[..., XClient]]:
     clients: list[XClient] = []
 
     def make(base_url: str, token: str = TOKEN, **kwargs: Any) -> XClient:

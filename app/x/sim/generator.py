@@ -52,7 +52,11 @@ LANGUAGES: dict[str, LanguagePack] = {
         names=["João Silva", "Ana Luísa", "Thiago Araújo", "Beatriz Conceição"],
         handles=["joaosilva", "analuisa", "thiago", "bia", "papo"],
         topics=["futebol", "tecnologia", "empreendedorismo", "música", "criptomoedas"],
-        templates=["Papo sobre {topic} {emoji}", "Live de {topic}: tire suas dúvidas", "Vamos falar de {topic}? {emoji}"],
+        templates=[
+            "Papo sobre {topic} {emoji}",
+            "Live de {topic}: tire suas dúvidas",
+            "Vamos falar de {topic}? {emoji}",
+        ],
     ),
     "ar": LanguagePack(
         names=["محمد العلي", "سارة", "عمر خالد", "ليلى"],
@@ -182,7 +186,9 @@ class SpaceGenerator:
             started_at = now - timedelta(seconds=self.random.randint(60, 90 * 60))
             created_at = min(created_at, started_at)
             # Half of live Spaces were scheduled first; the others started on the spot.
-            scheduled_start = started_at - timedelta(minutes=self.random.randint(0, 5)) if self.random.random() < 0.5 else None
+            scheduled_start = (
+                started_at - timedelta(minutes=self.random.randint(0, 5)) if self.random.random() < 0.5 else None
+            )
             participants = self.random.randint(1, 5000)
         elif starts_within is not None:
             seconds = max(60, int(starts_within.total_seconds()))

@@ -65,8 +65,10 @@ class QueryParams:
         items = value.split(",")
         if not 1 <= len(items) <= max_items:
             self._problem(
-                name, value, f"The number of values in the `{name}` query parameter list [{len(items)}] "
-                f"is not between 1 and {max_items}"
+                name,
+                value,
+                f"The number of values in the `{name}` query parameter list [{len(items)}] "
+                f"is not between 1 and {max_items}",
             )
             return []
         good = [item for item in items if self.matches(name, item, pattern)]
@@ -97,7 +99,9 @@ class QueryParams:
         if value is None:
             return default
         if value not in allowed:
-            self._problem(name, value, f"The `{name}` query parameter value [{value}] is not one of [{','.join(allowed)}]")
+            self._problem(
+                name, value, f"The `{name}` query parameter value [{value}] is not one of [{','.join(allowed)}]"
+            )
             return default
         return value
 
@@ -117,7 +121,9 @@ class QueryParams:
             return ""
         if not min_length <= len(value) <= max_length:
             self._problem(
-                name, value[:64], f"The `{name}` query parameter value is not between {min_length} and {max_length} characters"
+                name,
+                value[:64],
+                f"The `{name}` query parameter value is not between {min_length} and {max_length} characters",
             )
         return value
 

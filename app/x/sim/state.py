@@ -13,7 +13,7 @@ import string
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 GoneMode = Literal["state", "not_found"]
 GONE_MODES: tuple[str, ...] = ("state", "not_found")
@@ -504,8 +504,7 @@ class SimState:
                 "terminal": self.terminal,
             },
             "rate_limits": {
-                name: {"count": w.count, "window_started_at": _iso(w.started_at)}
-                for name, w in self._windows.items()
+                name: {"count": w.count, "window_started_at": _iso(w.started_at)} for name, w in self._windows.items()
             },
             "calls": dict(self.calls),
         }
@@ -539,7 +538,10 @@ class SimState:
                 return user_id
 
 
-def _take(faults: dict[str, Any], endpoint: str) -> Any:
+_Fault = TypeVar("_Fault", ResponseFault, DelayFault)
+
+
+def _take(faults: dict[str, _Fault], endpoint: str) -> _Fault | None:
     for key in (endpoint, ALL_ENDPOINTS):
         fault = faults.get(key)
         if fault is None:

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: local webhook and SMTP receivers (see receivers.py)."""
