@@ -180,5 +180,34 @@ def worker() -> None:
 def scheduler(simulate: bool) -> None:
     """Discovery only (one leader at a time across processes)."""
     _run_roles({"scheduler"}, simulate=simulate)
+@main.command("x-sim")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8787, show_default=True)
+@click.option("--bearer-token", default="sim-token", show_default=True, help="Token the simulator accepts.")
+@click.option("--seed", type=int, default=None, help="Seed for the generated creators and Spaces.")
+@click.option("--creators", type=int, default=0, show_default=True, help="Creators to generate.")
+@click.option("--spaces-per-creator", type=int, default=3, show_default=True)
+@click.option("--soon", type=int, default=0, show_default=True, help="Spaces starting within --soon-minutes.")
+@click.option("--soon-minutes", type=float, default=30.0, show_default=True)
+@click.option("--gone-mode", type=click.Choice(["state", "not_found"]), default="state", show_default=True,
+              help="How ended/canceled Spaces answer id lookups.")
+@click.option("--requests-per-window", type=int, default=300, show_default=True)
+@click.option("--window-seconds", type=float, default=900, show_default=True)
+def x_sim(host: str, port: int, bearer_token: str, seed: int | None, creators: int, spaces_per_creator: int,
+          soon: int, soon_minutes: float, gone_mode: str, requests_per_window: int, window_seconds: float) -> None:
+    """A local X API simulator (X's Spaces and users endpoints, plus an admin API under /_sim)."""
+    from app.x.sim.server import serve_sim
+
+    try:
+        asyncio.run(serve_sim(
+            host, port, bearer_token=bearer_token, seed=seed, seed_creators=creators,
+            spaces_per_creator=spaces_per_creator, soon=soon, soon_within_minutes=soon_minutes,
+            gone_mode=gone_mode, requests_per_window=requests_per_window,  # type: ignore[arg-type]
+            window_seconds=window_seconds,
+        ))
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     main()
