@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         description="Treat a known scheduled Space that disappears or answers not-found as canceled.",
     )
 
+    keyword_match: Literal["phrase", "substring"] = Field(
+        "phrase",
+        description="phrase: a keyword matches whole words of a title; substring: anywhere (X's search, assumed).",
+    )
     discovery_interval_seconds: float = Field(30.0, gt=0, description="Seconds between discovery cycles.")
     leader_lease_seconds: float = Field(60.0, gt=0, description="How long a discovery leader lease lasts.")
 

@@ -63,7 +63,7 @@ from app.discovery.store import (
     upsert_creators,
 )
 from app.spaces.models import Space, SpaceState
-from app.subscriptions.matching import KeywordIndex, KeywordIndexCache, subscriptions_for_spaces
+from app.subscriptions.matching import SUBSTRING, KeywordIndex, KeywordIndexCache, subscriptions_for_spaces
 from app.subscriptions.models import Subscription, TargetKind, TargetStatus
 from app.x.client import (
     MAX_IDS_PER_CALL,
@@ -353,7 +353,9 @@ async def run_discovery_cycle(
             polled.append(target)
 
     # Known Spaces that should have shown up and did not: a lookup tells canceled/started/ended apart.
-    scheduled_index, live_index = KeywordIndex(complete[KEYWORD]), KeywordIndex(complete[KEYWORD_LIVE])
+    # X's search matches anywhere in the title, so "would X have returned it" uses substring matching.
+    scheduled_index = KeywordIndex(complete[KEYWORD], SUBSTRING)
+    live_index = KeywordIndex(complete[KEYWORD_LIVE], SUBSTRING)
     to_check = recheck_candidates(
         demand.known, now, returned=returned, polled_creators=polled_creators,
         searched_scheduled=lambda title: bool(scheduled_index.matches(title)),
@@ -401,7 +403,9 @@ async def run_discovery_cycle(
     # Aho-Corasick index), for the report; the outbox matches again when it fans the events out. Outside
     # the write transaction: on SQLite that one blocks every other writer.
     touched = [c.space for c in changes if c.new or c.events]
-    cache: KeywordIndexCache = ctx.components.setdefault(KEYWORD_INDEX_CACHE, KeywordIndexCache())
+    cache: KeywordIndexCache = ctx.components.setdefault(
+        KEYWORD_INDEX_CACHE, KeywordIndexCache(mode=ctx.settings.keyword_match)
+    )
     async with ctx.db.session() as session:
         matched = await subscriptions_for_spaces(session, touched, await cache.get(session), include_paused=True)
     report.matched_subscriptions = {sid: [s.id for s in subs] for sid, subs in matched.items() if subs}

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Path, Query
 
 from app.accounts.auth import AccountId
 from app.core.clock import utc
-from app.core.deps import SessionDep
+from app.core.deps import CtxDep, SessionDep
 from app.core.pagination import Page, PageDep, encode_cursor
 from app.core.problems import PROBLEM_RESPONSES, invalid
 from app.spaces import service
@@ -20,6 +20,7 @@ SpaceIdPath = Annotated[str, Path(pattern=r"^[a-zA-Z0-9]{1,13}$", description="X
 
 @router.get("", response_model=Page[SpaceOut], summary="Spaces your subscriptions match, by start time")
 async def list_spaces(
+    ctx: CtxDep,
     session: SessionDep,
     account_id: AccountId,
     page: PageDep,
@@ -40,20 +41,22 @@ async def list_spaces(
     if after and before and before <= after:
         raise invalid("query.starts_before", "must be later than starts_after")
     filters = service.SpaceFilter(creator_id, creator_username, keyword, state, after, before)
-    found, next_cursor = await service.list_spaces(session, account_id, filters, page)
+    found, next_cursor = await service.list_spaces(session, account_id, filters, page, ctx.settings.keyword_match)
     usernames = await service.usernames_of(session, [space.creator_id for space, _ in found])
     return {"data": [service.to_out(s, m, usernames) for s, m in found], "next_cursor": next_cursor}
 
 
 @router.get("/{space_id}", response_model=SpaceOut, summary="One Space, if your subscriptions match it")
-async def get_space(space_id: SpaceIdPath, session: SessionDep, account_id: AccountId) -> Any:
-    space, matched = await service.get_visible_space(session, account_id, space_id)
+async def get_space(space_id: SpaceIdPath, ctx: CtxDep, session: SessionDep, account_id: AccountId) -> Any:
+    space, matched = await service.get_visible_space(session, account_id, space_id, ctx.settings.keyword_match)
     return service.to_out(space, matched, await service.usernames_of(session, [space.creator_id]))
 
 
 @router.get("/{space_id}/events", response_model=Page[SpaceEventOut], summary="What discovery saw change")
-async def list_space_events(space_id: SpaceIdPath, session: SessionDep, account_id: AccountId, page: PageDep) -> Any:
-    await service.get_visible_space(session, account_id, space_id)
+async def list_space_events(
+    space_id: SpaceIdPath, ctx: CtxDep, session: SessionDep, account_id: AccountId, page: PageDep
+) -> Any:
+    await service.get_visible_space(session, account_id, space_id, ctx.settings.keyword_match)
     events = await service.list_events(session, space_id, page)
     more = len(events) > page.limit
     events = events[: page.limit]

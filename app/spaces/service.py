@@ -16,7 +16,7 @@ from app.core.pagination import PageParams, encode_cursor
 from app.core.problems import invalid, not_found
 from app.spaces.models import Creator, Space, SpaceEvent, SpaceState
 from app.spaces.schemas import SPACE_URL, SpaceEventOut, SpaceOut
-from app.subscriptions.matching import KeywordIndex
+from app.subscriptions.matching import PHRASE, KeywordIndex, keyword_in_title
 from app.subscriptions.models import Subscription, TargetKind, TargetStatus
 from app.subscriptions.schemas import normalize_keyword
 
@@ -28,7 +28,7 @@ _NARROW_BY_CREATOR = 1000  # above this many creator ids an IN list costs more t
 class AccountMatcher:
     """An account's live subscriptions as lookups: creator id -> subs, co-host subs, a keyword automaton."""
 
-    def __init__(self, subs: Iterable[Subscription]) -> None:
+    def __init__(self, subs: Iterable[Subscription], mode: str = PHRASE) -> None:
         self.by_creator: dict[str, list[str]] = defaultdict(list)
         self.by_host: dict[str, list[str]] = defaultdict(list)
         self.by_keyword: dict[str, list[str]] = defaultdict(list)
@@ -39,7 +39,7 @@ class AccountMatcher:
                     self.by_host[sub.creator_id].append(sub.id)
             elif sub.target_kind == TargetKind.keyword and sub.keyword_normalized:
                 self.by_keyword[sub.keyword_normalized].append(sub.id)
-        self.keywords = KeywordIndex(self.by_keyword)
+        self.keywords = KeywordIndex(self.by_keyword, mode)
 
     @property
     def empty(self) -> bool:
@@ -59,7 +59,7 @@ class AccountMatcher:
         return sorted(set(ids))
 
 
-async def account_matcher(session: AsyncSession, account_id: str) -> AccountMatcher:
+async def account_matcher(session: AsyncSession, account_id: str, mode: str = PHRASE) -> AccountMatcher:
     subs = await session.scalars(
         select(Subscription).where(
             Subscription.account_id == account_id, Subscription.target_status == TargetStatus.active
@@ -99,10 +99,10 @@ def _after(value: str) -> tuple[datetime, str]:
 
 
 async def list_spaces(
-    session: AsyncSession, account_id: str, filters: SpaceFilter, page: PageParams
+    session: AsyncSession, account_id: str, filters: SpaceFilter, page: PageParams, mode: str = PHRASE
 ) -> tuple[list[tuple[Space, list[str]]], str | None]:
     """A page of matching Spaces ordered by start time, and the cursor of the next page."""
-    matcher = await account_matcher(session, account_id)
+    matcher = await account_matcher(session, account_id, mode)
     if matcher.empty:
         return [], None
     stmt = select(Space).where(Space.state == filters.state if filters.state else Space.state.in_(UPCOMING))
@@ -135,7 +135,7 @@ async def list_spaces(
             batch_stmt = batch_stmt.where(or_(_START > after[0], and_(_START == after[0], Space.id > after[1])))
         batch = list(await session.scalars(batch_stmt.order_by(_START, Space.id).limit(_SCAN)))
         for space in batch:
-            if keyword and keyword not in normalize_keyword(space.title or ""):
+            if keyword and not keyword_in_title(keyword, space.title, mode):
                 continue
             matched = matcher.matches(space)
             if matched:
@@ -150,12 +150,14 @@ async def list_spaces(
     return found, _cursor(found[-1][0]) if more and found else None
 
 
-async def get_visible_space(session: AsyncSession, account_id: str, space_id: str) -> tuple[Space, list[str]]:
+async def get_visible_space(
+    session: AsyncSession, account_id: str, space_id: str, mode: str = PHRASE
+) -> tuple[Space, list[str]]:
     """The Space when one of the account's subscriptions matches it; 404 otherwise (existence is not leaked)."""
     space = await session.get(Space, space_id)
     if space is None:
         raise not_found("space")
-    matched = (await account_matcher(session, account_id)).matches(space)
+    matched = (await account_matcher(session, account_id, mode)).matches(space)
     if not matched:
         raise not_found("space")
     return space, matched

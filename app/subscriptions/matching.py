@@ -2,7 +2,9 @@
 
 Keyword semantics (documented in the README): the keyword and the title are compared after NFKC
 normalization, Unicode case folding and collapsing whitespace; a keyword matches when it occurs in
-the title as a contiguous phrase (a substring), as X's Spaces search matches its `query`.
+the title as a contiguous phrase. In `phrase` mode (the default) the phrase must start and end at
+word boundaries, so "ai" matches "AI news" but not "said"; scripts written without spaces (Chinese,
+Japanese, Thai, ...) need no boundary. `substring` mode matches anywhere, as X's search is assumed to.
 """
 
 from __future__ import annotations
@@ -21,12 +23,53 @@ from app.subscriptions.models import Subscription, TargetKind, TargetStatus
 from app.subscriptions.schemas import normalize_keyword
 
 _CHUNK = 500
+PHRASE, SUBSTRING = "phrase", "substring"
+
+_UNSPACED_SCRIPTS = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x9FFF),  # CJK
+    (0xF900, 0xFAFF),  # CJK compatibility
+    (0x20000, 0x2FFFF),
+)
+
+
+def _is_word_char(char: str) -> bool:
+    if not (char.isalnum() or char == "_"):
+        return False
+    code = ord(char)
+    return not any(low <= code <= high for low, high in _UNSPACED_SCRIPTS)
+
+
+def _at_boundaries(text: str, start: int, end: int) -> bool:
+    """True when text[start:end] does not continue a word on either side."""
+    if start > 0 and _is_word_char(text[start]) and _is_word_char(text[start - 1]):
+        return False
+    if end < len(text) and _is_word_char(text[end - 1]) and _is_word_char(text[end]):
+        return False
+    return True
+
+
+def keyword_in_title(keyword: str, title: str | None, mode: str = PHRASE) -> bool:
+    """One keyword (already normalized) against one title, with the same rules as KeywordIndex."""
+    if not keyword or not title:
+        return False
+    text = normalize_keyword(title)
+    start = text.find(keyword)
+    while start != -1:
+        if mode == SUBSTRING or _at_boundaries(text, start, start + len(keyword)):
+            return True
+        start = text.find(keyword, start + 1)
+    return False
 
 
 class KeywordIndex:
     """An Aho-Corasick automaton over normalized keywords: one pass over a title finds every keyword in it."""
 
-    def __init__(self, keywords: Iterable[str]) -> None:
+    def __init__(self, keywords: Iterable[str], mode: str = PHRASE) -> None:
+        self.mode = mode
         self._automaton = ahocorasick.Automaton()
         count = 0
         for keyword in set(keywords):
@@ -40,13 +83,21 @@ class KeywordIndex:
     def matches(self, title: str | None) -> set[str]:
         if not title or not self.size:
             return set()
-        return {keyword for _end, keyword in self._automaton.iter(normalize_keyword(title))}
+        text = normalize_keyword(title)
+        if self.mode == SUBSTRING:
+            return {keyword for _end, keyword in self._automaton.iter(text)}
+        return {
+            keyword
+            for end, keyword in self._automaton.iter(text)
+            if _at_boundaries(text, end - len(keyword) + 1, end + 1)
+        }
 
 
 @dataclass
 class KeywordIndexCache:
     """Rebuilds the index only when keyword subscriptions changed (count or latest change moved)."""
 
+    mode: str = PHRASE
     _fingerprint: tuple[object, ...] | None = None
     _index: KeywordIndex = field(default_factory=lambda: KeywordIndex(()))
 
@@ -66,7 +117,7 @@ class KeywordIndexCache:
                 .where(Subscription.target_kind == TargetKind.keyword)
                 .distinct()
             )
-            self._index = KeywordIndex(k for k in keywords if k)
+            self._index = KeywordIndex((k for k in keywords if k), self.mode)
             self._fingerprint = fingerprint
         return self._index
 
@@ -130,7 +181,9 @@ async def subscriptions_for_spaces(
     return result
 
 
-async def upcoming_spaces_for_subscription(session: AsyncSession, sub: Subscription, now: datetime) -> list[Space]:
+async def upcoming_spaces_for_subscription(
+    session: AsyncSession, sub: Subscription, now: datetime, mode: str = PHRASE
+) -> list[Space]:
     """Stored Spaces, scheduled and not yet started, that a (new or changed) subscription wants."""
     stmt = select(Space).where(Space.state == SpaceState.scheduled, Space.scheduled_start > now)
     if sub.target_kind == TargetKind.creator:
@@ -141,4 +194,4 @@ async def upcoming_spaces_for_subscription(session: AsyncSession, sub: Subscript
         return [s for s in await session.scalars(stmt) if creator_matches(sub, s)]
     keyword = sub.keyword_normalized or ""
     # SQL LIKE cannot casefold Unicode the same way on both databases, so the title check runs here.
-    return [s for s in await session.scalars(stmt) if keyword and keyword in normalize_keyword(s.title or "")]
+    return [s for s in await session.scalars(stmt) if keyword_in_title(keyword, s.title, mode)]

@@ -75,3 +75,19 @@ async def test_keyword_index_cache_rebuilds_on_change(ctx: AppContext) -> None:
         assert (await cache.get(session)).matches("go live") == set()
         await create_subscription(session, account, SubscriptionCreate(keyword="go", email="a@example.com"), now, 100)
         assert (await cache.get(session)).matches("go live") == {"go"}
+
+
+def test_phrase_mode_needs_word_boundaries_except_in_unspaced_scripts() -> None:
+    from app.subscriptions.matching import SUBSTRING, keyword_in_title
+
+    phrase = KeywordIndex(["ai", "東京", "c++", "go"])
+    substring = KeywordIndex(["ai", "東京", "c++", "go"], SUBSTRING)
+    assert phrase.matches("What she said") == set()
+    assert substring.matches("What she said") == {"ai"}
+    assert phrase.matches("AI: the week, ai-news") == {"ai"}
+    assert phrase.matches("東京タワー") == {"東京"}
+    assert phrase.matches("Learning C++ together") == {"c++"}
+    assert phrase.matches("Let's go!") == {"go"} and phrase.matches("Google") == set()
+    assert keyword_in_title("ai", "Said AI") is True
+    assert keyword_in_title("ai", "Said") is False
+    assert keyword_in_title("ai", "Said", SUBSTRING) is True
