@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -180,6 +181,21 @@ def worker() -> None:
 def scheduler(simulate: bool) -> None:
     """Discovery only (one leader at a time across processes)."""
     _run_roles({"scheduler"}, simulate=simulate)
+@main.command()
+@click.option("--duration", type=float, default=None, help="Stop by itself after this many seconds.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port of the API.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("demo-data"), show_default=True,
+              help="Where the SQLite database and the .eml files go (emptied at start).")
+def demo(duration: float | None, port: int, data_dir: Path) -> None:
+    """Everything in one process against a simulated X: watch reminders go out by webhook and email."""
+    from app.demo.run import run_demo
+
+    try:
+        asyncio.run(run_demo(data_dir=data_dir, port=port, duration=duration))
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command("x-sim")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8787, show_default=True)

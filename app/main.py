@@ -62,11 +62,15 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=ctx.settings.max_body_bytes)
 
+    from app.delivery.notifications import router as notifications_router
     from app.delivery.router import router as endpoints_router
+    from app.spaces.router import router as spaces_router
     from app.subscriptions.router import router as subscriptions_router
 
-    app.include_router(endpoints_router)
     app.include_router(subscriptions_router)
+    app.include_router(endpoints_router)
+    app.include_router(spaces_router)
+    app.include_router(notifications_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

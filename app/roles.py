@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from contextlib import AsyncExitStack
 from typing import Any
 
 import uvicorn
@@ -17,46 +18,86 @@ log = logging.getLogger(__name__)
 
 
 def build_components(ctx: AppContext, roles: set[str]) -> list[Component]:
+    from app.delivery.dispatcher import Dispatcher, fan_out_hook
+    from app.discovery.component import DiscoveryComponent, x_client_from_settings
+
     components: list[Component] = []
+    if "worker" in roles:
+        components.append(Dispatcher(ctx))
+    if "scheduler" in roles:
+        components.append(
+            DiscoveryComponent(
+                ctx, lambda: x_client_from_settings(ctx.settings, ctx.clock), after_cycle=fan_out_hook(ctx)
+            )
+        )
+    elif "api" in roles:
+        # Watch-only: this process's /readyz reports why the leader stopped polling X, if it did.
+        components.append(DiscoveryComponent(ctx, None))
     return components
 
 
 async def run_roles(
     settings: Settings, roles: set[str], *, simulate: bool = False, host: str | None = None, port: int | None = None,
-    ctx: AppContext | None = None, stop: asyncio.Event | None = None,
 ) -> None:
     from app.core.logging import configure_logging
 
     configure_logging(settings)
-    if "scheduler" in roles and not simulate and not settings.x_bearer_token:
-        raise RuntimeError(
-            "SPACEBELL_X_BEARER_TOKEN is not set: discovery needs an X API bearer token "
-            "(or run with --simulate to poll a local X API simulator)"
-        )
-    ctx = ctx or AppContext.from_settings(settings)
-    components = build_components(ctx, roles)
-    if "api" in roles:
-        from app.main import create_app
+    async with AsyncExitStack() as stack:
+        if simulate:
+            from app.x.sim.server import running_sim
 
-        app = create_app(ctx, components=components)
-        config = uvicorn.Config(
-            app, host=host or settings.api_host, port=port or settings.api_port,
-            log_config=None, access_log=False, lifespan="on",
-        )
-        server = uvicorn.Server(config)
-        if stop is not None:
-            asyncio.get_running_loop().create_task(_stop_server_on(stop, server))
+            sim = await stack.enter_async_context(running_sim(seed=7, seed_creators=20, soon=5))
+            settings.x_api_base_url = sim.base_url
+            settings.x_bearer_token = "sim-token"
+            log.info("X API simulator at %s (admin API and docs under %s/_sim/docs)", sim.base_url, sim.base_url)
+        elif "scheduler" in roles and not settings.x_bearer_token:
+            raise RuntimeError(
+                "SPACEBELL_X_BEARER_TOKEN is not set: discovery needs an X API bearer token "
+                "(or pass --simulate to poll a local X API simulator)"
+            )
+        ctx = AppContext.from_settings(settings)
+        components = build_components(ctx, roles)
+        if "api" in roles:
+            await serve_api(ctx, components, host=host, port=port)
+        else:
+            await run_headless(ctx, components)
+
+
+async def serve_api(
+    ctx: AppContext, components: list[Component], *, host: str | None = None, port: int | None = None,
+    stop: asyncio.Event | None = None, started: asyncio.Event | None = None,
+) -> None:
+    from app.main import create_app
+
+    config = uvicorn.Config(
+        create_app(ctx, components=components), host=host or ctx.settings.api_host,
+        port=port or ctx.settings.api_port, log_config=None, access_log=False, lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    watchers = []
+    if stop is not None:
+        watchers.append(asyncio.create_task(_exit_when(stop, server)))
+    if started is not None:
+        watchers.append(asyncio.create_task(_signal_started(server, started)))
+    try:
         await server.serve()
-        return
-    await _run_headless(ctx, components, stop)
+    finally:
+        for task in watchers:
+            task.cancel()
 
 
-async def _stop_server_on(stop: asyncio.Event, server: Any) -> None:
+async def _exit_when(stop: asyncio.Event, server: Any) -> None:
     await stop.wait()
     server.should_exit = True
 
 
-async def _run_headless(ctx: AppContext, components: list[Component], stop: asyncio.Event | None) -> None:
+async def _signal_started(server: Any, started: asyncio.Event) -> None:
+    while not server.started:
+        await asyncio.sleep(0.02)
+    started.set()
+
+
+async def run_headless(ctx: AppContext, components: list[Component], stop: asyncio.Event | None = None) -> None:
     """Workers and schedulers without the API: migrate, start, wait for a signal, stop cleanly."""
     from app.core import migrate
 
@@ -73,6 +114,7 @@ async def _run_headless(ctx: AppContext, components: list[Component], stop: asyn
         for component in components:
             await component.start()
             started.append(component)
+        log.info("running %s; Ctrl-C stops", ", ".join(c.name for c in components) or "nothing")
         await stop.wait()
     finally:
         for component in reversed(started):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.models import Base
@@ -45,13 +45,19 @@ class EmailRecipient(Base):
 
 class NotificationKind:
     reminder = "space.reminder"
+    # Notices: one per Space event a subscription asked for, due when the event is fanned out.
+    scheduled = "space.scheduled"
+    rescheduled = "space.rescheduled"
+    canceled = "space.canceled"
+    started = "space.started"
+    ended = "space.ended"
     confirmation = "email.confirmation"
 
 
 class NotificationState:
-    pending = "pending"  # waiting for due_at / next_attempt_at
+    pending = "pending"  # waiting for next_attempt_at (due_at, or a retry)
     sending = "sending"  # claimed under a lease
-    held = "held"  # waiting for the email address to be confirmed
+    held = "held"  # waiting for the email address to be confirmed; next_attempt_at is the hold deadline
     delivered = "delivered"
     failed = "failed"
     expired = "expired"
@@ -60,20 +66,32 @@ class NotificationState:
     terminal = (delivered, failed, expired, canceled)
 
 
+def _partial_index(name: str, column: str, *, state: str) -> Index:
+    where = text(f"state = '{state}'")
+    return Index(name, column, postgresql_where=where, sqlite_where=where)
+
+
 class Notification(Base):
     """The outbox: one row per message to deliver, unique per (subscription, Space, kind, lead, revision)."""
 
     __tablename__ = "notification"
     __table_args__ = (
         UniqueConstraint("subscription_id", "space_id", "kind", "lead_time_minutes", "space_revision"),
-        Index("ix_notification_state_next_attempt_at", "state", "next_attempt_at"),
+        # The queue indexes hold only rows in one state, so they stay small while finished rows pile
+        # up, and a state change touches few index entries (the outbox's write amplification).
+        _partial_index("ix_notification_due", "next_attempt_at", state="pending"),
+        _partial_index("ix_notification_lease", "lease_expires_at", state="sending"),
+        _partial_index("ix_notification_hold", "next_attempt_at", state="held"),
         Index("ix_notification_account_id_id", "account_id", "id"),
-        Index("ix_notification_space_id_state", "space_id", "state"),
+        Index("ix_notification_space_id_kind", "space_id", "kind"),
+        Index("ix_notification_email_recipient_id", "email_recipient_id"),
+        Index("ix_notification_webhook_endpoint_id", "webhook_endpoint_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"))
-    subscription_id: Mapped[str | None] = mapped_column(ForeignKey("subscription.id", ondelete="CASCADE"))
+    # A deleted subscription leaves its notifications behind (canceled), so their history stays readable.
+    subscription_id: Mapped[str | None] = mapped_column(ForeignKey("subscription.id", ondelete="SET NULL"))
     space_id: Mapped[str | None] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(32))
     lead_time_minutes: Mapped[int] = mapped_column(Integer, default=0)
@@ -90,6 +108,7 @@ class Notification(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_token: Mapped[str | None] = mapped_column(String(40))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None]

@@ -10,6 +10,7 @@ from app.core.deps import CtxDep, SessionDep
 from app.core.idempotency import IdempotencyDep
 from app.core.pagination import Page, PageDep, page_of
 from app.core.problems import PROBLEM_RESPONSES
+from app.delivery.outbox import Reason, outbox_for, wake_dispatcher_after_commit
 from app.subscriptions import service
 from app.subscriptions.models import Subscription
 from app.subscriptions.schemas import SubscriptionCreate, SubscriptionOut, SubscriptionUpdate
@@ -24,8 +25,9 @@ async def create_subscription(
     if (replayed := await idem.replay()) is not None:
         return replayed
     sub = await service.create_subscription(
-        session, account_id, body, ctx.clock.now(), ctx.settings.max_subscriptions_per_account
+        session, account_id, body, ctx.clock.now(), ctx.settings.max_subscriptions_per_account, outbox_for(ctx)
     )
+    wake_dispatcher_after_commit(session, ctx)
     out = service.to_out(sub, await service.recipients_by_id(session, [sub]))
     return await idem.respond(201, out)
 
@@ -59,13 +61,19 @@ async def update_subscription(
     subscription_id: str, body: SubscriptionUpdate, ctx: CtxDep, session: SessionDep, account_id: AccountId
 ) -> Any:
     sub = await service.get_subscription(session, account_id, subscription_id)
-    service.apply_update(sub, body, ctx.clock.now())
+    now = ctx.clock.now()
+    service.apply_update(sub, body, now)
     await session.flush()
+    await outbox_for(ctx).plan_subscription(session, sub, now)
+    wake_dispatcher_after_commit(session, ctx)
     return service.to_out(sub, await service.recipients_by_id(session, [sub]))
 
 
 @router.delete("/{subscription_id}", status_code=204)
-async def delete_subscription(subscription_id: str, session: SessionDep, account_id: AccountId) -> Response:
+async def delete_subscription(
+    subscription_id: str, ctx: CtxDep, session: SessionDep, account_id: AccountId
+) -> Response:
     sub = await service.get_subscription(session, account_id, subscription_id)
+    await outbox_for(ctx).cancel_subscription(session, sub.id, ctx.clock.now(), Reason.deleted)
     await session.execute(delete(Subscription).where(Subscription.id == sub.id))
     return Response(status_code=204)

@@ -12,6 +12,7 @@ from app.core.ids import new_id
 from app.core.pagination import PageParams, paginate
 from app.core.problems import ProblemError, invalid, not_found
 from app.delivery.models import EmailRecipient, WebhookEndpoint
+from app.delivery.outbox import ReminderOutbox
 from app.delivery.service import get_or_create_recipient
 from app.spaces.models import Creator
 from app.subscriptions.models import Subscription, TargetKind, TargetStatus
@@ -26,7 +27,12 @@ from app.subscriptions.schemas import (
 
 
 async def create_subscription(
-    session: AsyncSession, account_id: str, body: SubscriptionCreate, now: datetime, limit: int
+    session: AsyncSession,
+    account_id: str,
+    body: SubscriptionCreate,
+    now: datetime,
+    limit: int,
+    outbox: ReminderOutbox | None = None,
 ) -> Subscription:
     count = await session.scalar(select(func.count()).where(Subscription.account_id == account_id))
     if (count or 0) >= limit:
@@ -67,6 +73,8 @@ async def create_subscription(
 
     session.add(sub)
     await session.flush()
+    # Spaces already known are matched at once, not at the next discovery cycle.
+    await (outbox or ReminderOutbox()).plan_subscription(session, sub, now)
     return sub
 
 
