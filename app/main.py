@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.core import migrate
 from app.core.components import Component
 from app.core.context import AppContext
+from app.core.secrets import link_signing_key
 from app.core.problems import BodySizeLimit, install_problem_handlers
 from app.core.settings import get_settings
 
@@ -35,6 +37,8 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
             ctx.db.acquire_writer_lock()
         if ctx.settings.migrate_on_start:
             await migrate.upgrade(ctx.db.engine)
+        # Load (or generate) the link-signing key now: requests must not open a second write transaction.
+        await link_signing_key(ctx)
         started: list[Component] = []
         try:
             for component in components:
@@ -62,6 +66,7 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=ctx.settings.max_body_bytes)
 
+    from app.delivery.mail_links import router as mail_links_router
     from app.delivery.notifications import router as notifications_router
     from app.delivery.router import router as endpoints_router
     from app.spaces.router import router as spaces_router
@@ -71,6 +76,11 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
     app.include_router(endpoints_router)
     app.include_router(spaces_router)
     app.include_router(notifications_router)
+    app.include_router(mail_links_router)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of this process", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -46,5 +46,7 @@ class Subscription(Base):
     lead_times: Mapped[list[int]]
     event_types: Mapped[list[str]]
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The email recipient unsubscribed from this subscription: it stays paused until they confirm again.
+    unsubscribed_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]

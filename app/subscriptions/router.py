@@ -10,6 +10,9 @@ from app.core.deps import CtxDep, SessionDep
 from app.core.idempotency import IdempotencyDep
 from app.core.pagination import Page, PageDep, page_of
 from app.core.problems import PROBLEM_RESPONSES
+from app.core.secrets import link_signing_key
+from app.delivery.consent import request_confirmation
+from app.delivery.models import EmailRecipient
 from app.delivery.outbox import Reason, outbox_for, wake_dispatcher_after_commit
 from app.subscriptions import service
 from app.subscriptions.models import Subscription
@@ -24,9 +27,14 @@ async def create_subscription(
 ) -> Any:
     if (replayed := await idem.replay()) is not None:
         return replayed
+    now = ctx.clock.now()
     sub = await service.create_subscription(
-        session, account_id, body, ctx.clock.now(), ctx.settings.max_subscriptions_per_account, outbox_for(ctx)
+        session, account_id, body, now, ctx.settings.max_subscriptions_per_account, outbox_for(ctx)
     )
+    if sub.email_recipient_id is not None:
+        recipient = await session.get(EmailRecipient, sub.email_recipient_id)
+        assert recipient is not None
+        await request_confirmation(session, recipient, now, ctx.settings, await link_signing_key(ctx))
     wake_dispatcher_after_commit(session, ctx)
     out = service.to_out(sub, await service.recipients_by_id(session, [sub]))
     return await idem.respond(201, out)

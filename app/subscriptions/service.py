@@ -115,6 +115,10 @@ async def list_subscriptions(
 
 
 def apply_update(sub: Subscription, body: SubscriptionUpdate, now: datetime) -> None:
+    if body.paused is False and sub.unsubscribed_at is not None:
+        raise invalid(
+            "body.paused", "the recipient unsubscribed from this subscription; it resumes only if they confirm again"
+        )
     if body.lead_times is not None:
         sub.lead_times = list(body.lead_times)
     if body.event_types is not None:
