@@ -387,6 +387,7 @@ async def run_discovery_cycle(
         report.settled_subscriptions = await resolve_usernames(session, found, unknown, suspended, now)
         changes = await apply_observed_spaces(session, observed, now)
         changes += await apply_gone(session, gone, now, gone_means_canceled=settings.x_gone_means_canceled)
+        await plan_resolved_subscriptions(ctx, session, report.settled_subscriptions, now)
         await mark_polled(session, polled, now)
         await record_reads(session, day, caller.new_spaces, caller.new_users)
         await purge_ledger(session, day - timedelta(days=2))
@@ -462,3 +463,17 @@ def _finish(report: CycleReport, started: float) -> CycleReport:
 
 
 __all__ = ["CycleReport", "LeaseLost", "run_discovery_cycle"]
+
+
+async def plan_resolved_subscriptions(
+    ctx: AppContext, session: AsyncSession, settled: dict[str, str], now: datetime
+) -> None:
+    """A @username that just resolved may name a creator whose Spaces are already stored: plan them now."""
+    activated = [sub_id for sub_id, status in settled.items() if status == TargetStatus.active]
+    if not activated:
+        return
+    from app.delivery.outbox import outbox_for
+
+    outbox = outbox_for(ctx)
+    for sub in await session.scalars(select(Subscription).where(Subscription.id.in_(activated))):
+        await outbox.plan_subscription(session, sub, now)

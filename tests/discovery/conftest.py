@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 
 from app.accounts.service import create_account as create_account_row
 from app.core.clock import ManualClock
@@ -23,7 +22,6 @@ from app.subscriptions.schemas import SubscriptionCreate, normalize_keyword
 from app.subscriptions.service import create_subscription
 from app.x.client import XClient
 from app.x.sim import RunningSim, SimState, create_sim_app, running_sim
-from tests.conftest import RunningServer, free_port
 
 TOKEN = "sim-token"
 
@@ -68,23 +66,6 @@ def make_xclient(ctx: AppContext, sim: RunningSim, sleep: ClockSleep, **kwargs: 
     kwargs.setdefault("by_creator_min_interval", ctx.settings.x_by_creator_min_interval_seconds)
     kwargs.setdefault("max_rate_limit_wait", min(ctx.settings.discovery_interval_seconds, 15))
     return XClient(sim.base_url, TOKEN, clock=ctx.clock, sleep=sleep, **kwargs)
-
-
-def with_spaces_router(app: FastAPI) -> FastAPI:
-    """Until app.main includes the Spaces router, the tests add it themselves."""
-    from app.spaces.router import router
-
-    if not any(getattr(r, "path", None) == "/v1/spaces" for r in app.routes):
-        app.include_router(router)
-    return app
-
-
-@pytest.fixture
-async def api(ctx: AppContext) -> AsyncIterator[RunningServer]:
-    from app.main import create_app
-
-    async with RunningServer(with_spaces_router(create_app(ctx)), free_port()) as server:
-        yield server
 
 
 async def cycle(ctx: AppContext, client: XClient, *, advance: float | None = None) -> CycleReport:

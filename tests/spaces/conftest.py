@@ -1,1 +1,1 @@
-from tests.discovery.conftest import api, sim, sim_state, sleep, xclient  # noqa: F401
+from tests.discovery.conftest import sim, sim_state, sleep, xclient  # noqa: F401
