@@ -45,5 +45,5 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    for noisy in ("uvicorn.access", "aiosqlite", "apscheduler.executors.default"):
+    for noisy in ("uvicorn.access", "aiosqlite", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
