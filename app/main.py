@@ -18,6 +18,11 @@ from app.core.secrets import link_signing_key
 from app.core.problems import BodySizeLimit, install_problem_handlers
 from app.core.settings import get_settings
 
+# Every role's metrics are declared in every process, so dashboards see zeros rather than gaps.
+from app.delivery import dispatch_metrics as _dispatch_metrics  # noqa: F401
+from app.discovery import metrics as _discovery_metrics  # noqa: F401
+from app.x import metrics as _x_metrics  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Spacebell tells people before a Twitter/X Space starts, by signed webhook or by email.
