@@ -22,20 +22,12 @@ from app.subscriptions.schemas import SubscriptionCreate, normalize_keyword
 from app.subscriptions.service import create_subscription
 from app.x.client import XClient
 from app.x.sim import RunningSim, SimState, create_sim_app, running_sim
+from tests.x.helpers import TOKEN, RecordingSleep
 
-TOKEN = "sim-token"
 
 
-class ClockSleep:
-    """The client's sleep: moves the shared clock and remembers each wait."""
-
-    def __init__(self, clock: ManualClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
+# The client's sleep moves the shared clock and remembers each wait (the X tests' helper).
+ClockSleep = RecordingSleep
 
 
 @pytest.fixture
