@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import timedelta
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.core import migrate
 from app.core.components import Component
+from app.core.idempotency import purge_old_records
 from app.core.context import AppContext
 from app.core.secrets import link_signing_key
 from app.core.problems import BodySizeLimit, install_problem_handlers
@@ -33,6 +36,16 @@ POST requests accept an `Idempotency-Key` header.
 """
 
 
+async def _purge_idempotency_records(ctx: AppContext) -> None:
+    while True:
+        try:
+            async with ctx.db.write() as session:
+                await purge_old_records(session, ctx.clock.now())
+        except Exception:  # a failed purge must not stop the API; the next hour tries again
+            log.exception("purging old idempotency records failed")
+        await ctx.clock.sleep_until(ctx.clock.now() + timedelta(hours=1))
+
+
 def create_app(ctx: AppContext | None = None, *, components: Sequence[Component] = (), single_writer: bool = True) -> FastAPI:
     ctx = ctx or AppContext.from_settings(get_settings())
 
@@ -45,12 +58,14 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
         # Load (or generate) the link-signing key now: requests must not open a second write transaction.
         await link_signing_key(ctx)
         started: list[Component] = []
+        housekeeping = asyncio.create_task(_purge_idempotency_records(ctx))
         try:
             for component in components:
                 await component.start()
                 started.append(component)
             yield
         finally:
+            housekeeping.cancel()
             for component in reversed(started):
                 try:
                     await component.stop()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -89,10 +89,10 @@ async def get_idempotency(
 IdempotencyDep = Annotated[Idempotency, Depends(get_idempotency)]
 
 
-async def purge_idempotency_records(session: AsyncSession, older_than: datetime) -> None:
-    from sqlalchemy import delete
-
-    await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < older_than))
+KEEP_FOR = timedelta(hours=24)
 
 
-__all__ = ["IdempotencyDep", "Idempotency", "purge_idempotency_records", "select"]
+async def purge_old_records(session: AsyncSession, now: datetime) -> int:
+    """Keys are remembered for 24 hours, as Svix, Knock and Courier do."""
+    result = await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - KEEP_FOR))
+    return result.rowcount or 0

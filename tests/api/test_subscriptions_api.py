@@ -226,3 +226,17 @@ async def test_subscription_limit_per_account(api, ctx) -> None:  # type: ignore
             assert (await http.post("/v1/subscriptions", json={"keyword": f"k{i}", "email": "a@example.com"})).status_code == 201
         r = await http.post("/v1/subscriptions", json={"keyword": "k3", "email": "a@example.com"})
         assert r.status_code == 409 and r.json()["type"].endswith("/limit-reached")
+
+
+async def test_idempotency_records_are_forgotten_after_a_day(client: httpx.AsyncClient, ctx) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from app.core.idempotency import purge_old_records
+
+    body = {"keyword": "kept", "email": "a@example.com"}
+    first = await client.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": "day"})
+    async with ctx.db.write() as session:
+        assert await purge_old_records(session, ctx.clock.now() + timedelta(hours=23)) == 0
+        assert await purge_old_records(session, ctx.clock.now() + timedelta(hours=25)) == 1
+    again = await client.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": "day"})
+    assert again.status_code == 201 and again.json()["id"] != first.json()["id"]
