@@ -106,7 +106,10 @@ def create_app(ctx: AppContext | None = None, *, components: Sequence[Component]
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Database reachable, migrations at head, roles working")
+    @app.get(
+        "/readyz", tags=["health"], summary="Database reachable, migrations at head, roles working",
+        responses={503: {"description": "Not ready; `checks` says which check failed", "content": {"application/json": {}}}},
+    )
     async def readyz() -> JSONResponse:
         checks: dict[str, Any] = {}
         ready = True

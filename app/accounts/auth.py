@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from app.accounts.service import authenticate
 from app.core.context import AppContext
 from app.core.deps import SessionDep, get_ctx
-from app.core.problems import ProblemError
+from app.core.problems import ProblemError, reject_unstorable_text
 
 
 class KeyRateLimiter:
@@ -60,3 +60,8 @@ async def current_account_id(request: Request, session: SessionDep) -> str:
 
 
 AccountId = Annotated[str, Depends(current_account_id)]
+
+# What every /v1 router runs before its routes: the key first (cached, so the route's AccountId
+# does not count against the rate limit again), then the refusal of text
+# no database can store (NUL, lone surrogates).
+API_DEPENDENCIES = [Depends(current_account_id), Depends(reject_unstorable_text)]

@@ -24,4 +24,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": commit when the route returns, before the response goes out. (The default,
+# "request", commits after the response is sent: a client could act on a 201 before the row is
+# visible, or get a 201 for a commit that then fails.)
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

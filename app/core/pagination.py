@@ -29,7 +29,7 @@ def _decode(cursor: str) -> str:
         value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except Exception:
         raise invalid("query.cursor", "not a cursor this API returned") from None
-    if not value.startswith("c1:"):
+    if not value.startswith("c1:") or "\x00" in value:  # PostgreSQL cannot compare text holding NUL
         raise invalid("query.cursor", "not a cursor this API returned")
     return value[3:]
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.accounts.auth import AccountId
+from app.accounts.auth import API_DEPENDENCIES, AccountId
 from app.core.deps import CtxDep, SessionDep
 from app.core.pagination import Page, PageDep, PageParams, page_of, paginate
 from app.core.problems import PROBLEM_RESPONSES, ProblemError, not_found
@@ -126,7 +126,10 @@ def _detail(notification: Notification, attempts: list[DeliveryAttempt]) -> dict
     return out
 
 
-router = APIRouter(prefix="/v1/notifications", tags=["notifications"], responses=PROBLEM_RESPONSES)
+router = APIRouter(
+    prefix="/v1/notifications", tags=["notifications"], responses=PROBLEM_RESPONSES,
+    dependencies=API_DEPENDENCIES,  # the API key, then no NUL or lone surrogates in any input
+)
 
 
 @router.get("", response_model=Page[NotificationOut], summary="Notifications of this account, oldest first")

@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from sqlalchemy import delete, select
 
-from app.accounts.auth import AccountId
+from app.accounts.auth import API_DEPENDENCIES, AccountId
 from app.core.deps import CtxDep, SessionDep
 from app.core.idempotency import IdempotencyDep
 from app.core.pagination import Page, PageDep, page_of, paginate
@@ -20,12 +20,17 @@ from app.delivery.schemas import (
     WebhookEndpointWithSecret,
 )
 
-router = APIRouter(prefix="/v1/webhook-endpoints", tags=["webhook endpoints"], responses=PROBLEM_RESPONSES)
+router = APIRouter(
+    prefix="/v1/webhook-endpoints", tags=["webhook endpoints"], responses=PROBLEM_RESPONSES,
+    dependencies=API_DEPENDENCIES,  # the API key, then no NUL or lone surrogates in any input
+)
 
 
 def _out(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
     model = WebhookEndpointWithSecret if with_secret else WebhookEndpointOut
-    return model.model_validate(endpoint, from_attributes=True).model_dump()
+    # JSON mode: the POST answer goes out through idem.respond, not the response model, and must
+    # spell its datetimes as GET does ("…Z", not "…+00:00").
+    return model.model_validate(endpoint, from_attributes=True).model_dump(mode="json")
 
 
 @router.post("", status_code=201, response_model=WebhookEndpointWithSecret)

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 
-from app.accounts.auth import AccountId
+from app.accounts.auth import API_DEPENDENCIES, AccountId
 from app.core.clock import utc
 from app.core.deps import CtxDep, SessionDep
 from app.core.pagination import Page, PageDep, encode_cursor
@@ -13,9 +13,19 @@ from app.core.problems import PROBLEM_RESPONSES, invalid
 from app.spaces import service
 from app.spaces.schemas import SpaceEventOut, SpaceOut
 
-router = APIRouter(prefix="/v1/spaces", tags=["spaces"], responses=PROBLEM_RESPONSES)
+router = APIRouter(
+    prefix="/v1/spaces", tags=["spaces"], responses=PROBLEM_RESPONSES,
+    dependencies=API_DEPENDENCIES,  # the API key, then no NUL or lone surrogates in any input
+)
 
 SpaceIdPath = Annotated[str, Path(pattern=r"^[a-zA-Z0-9]{1,13}$", description="X's Space id.")]
+
+
+def _utc_param(name: str, value: datetime | None) -> datetime | None:
+    try:
+        return utc(value) if value else None
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past datetime.max in UTC
+        raise invalid(f"query.{name}", "is out of the supported date range") from None
 
 
 @router.get("", response_model=Page[SpaceOut], summary="Spaces your subscriptions match, by start time")
@@ -36,8 +46,8 @@ async def list_spaces(
     ] = None,
     starts_before: Annotated[datetime | None, Query(description="Start before.")] = None,
 ) -> Any:
-    after = utc(starts_after) if starts_after else None
-    before = utc(starts_before) if starts_before else None
+    after = _utc_param("starts_after", starts_after)
+    before = _utc_param("starts_before", starts_before)
     if after and before and before <= after:
         raise invalid("query.starts_before", "must be later than starts_after")
     filters = service.SpaceFilter(creator_id, creator_username, keyword, state, after, before)

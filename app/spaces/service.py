@@ -94,7 +94,7 @@ def _after(value: str) -> tuple[datetime, str]:
     at, _, space_id = value.rpartition("|")
     try:
         return utc(datetime.fromisoformat(at)), space_id
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved to UTC
         raise invalid("query.cursor", "not a cursor this API returned") from None
 
 
@@ -167,9 +167,12 @@ async def list_events(session: AsyncSession, space_id: str, page: PageParams) ->
     stmt = select(SpaceEvent).where(SpaceEvent.space_id == space_id)
     if page.after_id is not None:
         try:
-            stmt = stmt.where(SpaceEvent.id > int(page.after_id))
+            after_id = int(page.after_id)
         except ValueError:
             raise invalid("query.cursor", "not a cursor this API returned") from None
+        if not 0 <= after_id < 2**63:  # beyond a BIGINT the drivers fail rather than compare
+            raise invalid("query.cursor", "not a cursor this API returned")
+        stmt = stmt.where(SpaceEvent.id > after_id)
     return list(await session.scalars(stmt.order_by(SpaceEvent.id).limit(page.limit + 1)))
 
 

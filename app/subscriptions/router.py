@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import delete
 
-from app.accounts.auth import AccountId
+from app.accounts.auth import API_DEPENDENCIES, AccountId
 from app.core.deps import CtxDep, SessionDep
 from app.core.idempotency import IdempotencyDep
 from app.core.pagination import Page, PageDep, page_of
@@ -18,7 +18,10 @@ from app.subscriptions import service
 from app.subscriptions.models import Subscription
 from app.subscriptions.schemas import SubscriptionCreate, SubscriptionOut, SubscriptionUpdate
 
-router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"], responses=PROBLEM_RESPONSES)
+router = APIRouter(
+    prefix="/v1/subscriptions", tags=["subscriptions"], responses=PROBLEM_RESPONSES,
+    dependencies=API_DEPENDENCIES,  # the API key, then no NUL or lone surrogates in any input
+)
 
 
 @router.post("", status_code=201, response_model=SubscriptionOut)
