@@ -13,21 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.auth import API_DEPENDENCIES, AccountId
 from app.core.deps import CtxDep, SessionDep
+from app.core.events import EventType
 from app.core.pagination import Page, PageDep, PageParams, page_of, paginate
 from app.core.problems import PROBLEM_RESPONSES, ProblemError, not_found
 from app.delivery.models import DeliveryAttempt, Notification
 from app.delivery.outbox import ReminderOutbox, outbox_for, wake_dispatcher_after_commit
 
 StateName = Literal["pending", "held", "sending", "delivered", "failed", "expired", "canceled"]
-KindName = Literal[
-    "space.reminder",
-    "space.scheduled",
-    "space.rescheduled",
-    "space.canceled",
-    "space.started",
-    "space.ended",
-    "email.confirmation",
-]
+KindName = EventType | Literal["email.confirmation"]
 
 
 class DeliveryAttemptOut(BaseModel):
