@@ -1,452 +1,234 @@
-"""Dispatcher benchmark: webhook throughput against a bare aiohttp client, and lateness at a steady rate.
+"""Dispatcher benchmark: webhook throughput as a ratio to a bare aiohttp client, lateness, bursts.
 
-Run:  .venv/bin/python bench/bench_dispatcher.py --db sqlite
-      .venv/bin/python bench/bench_dispatcher.py --db postgres \
-          --pg-url postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python bench/bench_dispatcher.py                       # everything, SQLite and PostgreSQL
+    .venv/bin/python bench/bench_dispatcher.py --quick
+    .venv/bin/python bench/bench_dispatcher.py --db postgres --workers 1 2 4 --rows 20000
 
-A loopback aiohttp receiver runs in a separate process and checks every Standard Webhooks signature
-with a precomputed HMAC key. With two or more cores the receiver is pinned to the last core and the
-event-loop thread of this process (dispatcher or bare client) to the first; the database (SQLite's
-worker threads, PostgreSQL's backends) is left to the scheduler. Figures printed:
+Every figure printed was measured in this run. Processes: a loopback receiver (aiohttp on uvloop, its
+own process, pinned to the last CPU when there are two or more; it checks every signature), the
+`spacebell worker` processes under test, and for the yardstick a bare aiohttp client on uvloop with 64
+requests in flight (its own process) posting the same number of signed bodies of the same size to
+the same receiver. Nothing else is pinned.
 
-  (a) dispatcher throughput: rows inserted already due, then claimed, sent and recorded (state
-      `delivered` in the database), rows per second from the dispatcher's start to the last record;
-  (b) a bare aiohttp client on uvloop, 64 requests in flight, posting the same signed bodies;
-  (b') for reference, app.delivery.webhooks.WebhookSender alone (64 in flight), no database: the
-      ceiling the sender itself puts on (a);
-  (c) the ratio a/b (and a/b');
-  (d) lateness at a steady rate (200/s for 10 s by default): rows are inserted ahead with due times
-      spread at that rate; lateness = receiver arrival time - due time, both on the wall clock.
+  (a) throughput: N rows due at the same instant T0 are inserted, workers are started before T0 and
+      claim ahead; rate = N / (time the last row was recorded `delivered` - T0). The bare client runs
+      right before and right after each measurement; ratio = rate / mean of those two bare rates.
+      SQLite allows one writing process, so it is measured with one worker only.
+  (b) lateness at a steady rate (200/s for 10 s): lateness = arrival at the receiver - due time;
+      and a burst of 50,000 rows due at one instant: drain rate as in (a), and the lateness spread.
+  CPU per webhook is printed for each process group (workers, receiver, the PostgreSQL backends of
+  the benchmark database) and `others` = cores busy with unrelated work on the machine meanwhile:
+  on a shared machine that is what moves the rates from one run to the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
-import hmac
-import logging
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECRET = "whsec_" + base64.b64encode(b"bench-secret-bench-secret-bench!").decode()
-SPACE_ID = "1BenchSpace000"
-CREATOR_ID = "2244994945"
+from _support import (
+    CpuMeter,
+    Receiver,
+    Workers,
+    bench_database,
+    client_run,
+    count_state,
+    fmt_rate,
+    insert_due,
+    median,
+    percentile,
+    print_machine,
+    seed_single_endpoint,
+    wait_until_recorded,
+)
 
-
-# ---------------------------------------------------------------------------------------------
-# The receiver (separate process)
-
-
-def serve_receiver(port: int, cpu: int | None) -> None:
-    if cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
-    import uvloop
-    from aiohttp import web
-
-    key = base64.b64decode(SECRET.removeprefix("whsec_"))
-    arrivals: list[tuple[str, float]] = []
-    bad = 0
-
-    async def handle(request: web.BaseRequest) -> web.Response:
-        nonlocal bad
-        if request.path == "/__stats":
-            return web.json_response({"count": len(arrivals), "bad_signatures": bad, "arrivals": arrivals})
-        if request.path == "/__reset":
-            arrivals.clear()
-            bad = 0
-            return web.Response(text="reset")
-        body = await request.read()
-        arrived = time.time()
-        headers = request.headers
-        msg_id = headers.get("webhook-id", "")
-        signed = f"{msg_id}.{headers.get('webhook-timestamp', '')}.".encode() + body
-        expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        if not any(hmac.compare_digest(expected, s) for s in headers.get("webhook-signature", "").split(" ")):
-            bad += 1
-        arrivals.append((msg_id, arrived))
-        return web.Response(text="ok")
-
-    async def main() -> None:
-        server = web.Server(handle, access_log=None)
-        loop = asyncio.get_running_loop()
-        await loop.create_server(server, "127.0.0.1", port, backlog=1024)
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
+LOOKAHEAD = 2.0  # the dispatcher_lookahead_seconds default: workers claim this early
 
 
-class Receiver:
-    def __init__(self, cpu: int | None) -> None:
-        from tests.conftest import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        args = [sys.executable, __file__, "--serve-receiver", str(self.port)]
-        if cpu is not None:
-            args += ["--cpu", str(cpu)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("receiver did not start")
-
-    async def stats(self) -> dict[str, Any]:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/__stats") as r:
-            return await r.json()
-
-    async def reset(self) -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/__reset") as r:
-            await r.read()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Database set-up
-
-
-async def prepare_database(kind: str, pg_url: str, tmp: Path) -> str:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from app.core import migrate
-
-    if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
-    else:
-        import asyncpg
-
-        base, _, _db = pg_url.rpartition("/")
-        name = "spacebell_bench"
-        admin = await asyncpg.connect(pg_url.replace("postgresql+asyncpg", "postgresql"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        url = f"{base}/{name}"
-    engine = create_async_engine(url)
-    await migrate.upgrade(engine)
-    await engine.dispose()
-    return url
-
-
-async def seed(ctx: Any, receiver_url: str) -> dict[str, str]:
-    from sqlalchemy import insert
-
-    from app.accounts.models import Account
-    from app.delivery.models import WebhookEndpoint
-    from app.spaces.models import Creator, Space
-    from app.subscriptions.models import Subscription
-
-    now = datetime.now(UTC)
-    ids = {"account": "acc_bench", "endpoint": "we_bench", "subscription": "sub_bench"}
-    async with ctx.db.write() as s:
-        await s.execute(insert(Account.__table__).values(id=ids["account"], name="bench", created_at=now))
-        await s.execute(
-            insert(WebhookEndpoint.__table__).values(
-                id=ids["endpoint"], account_id=ids["account"], url=receiver_url, secret=SECRET,
-                event_types=["space.reminder"], enabled=True, created_at=now, updated_at=now,
-            )
-        )
-        await s.execute(
-            insert(Creator.__table__).values(
-                id=CREATOR_ID, username="XDevelopers", username_lower="xdevelopers", resolved_at=now
-            )
-        )
-        await s.execute(
-            insert(Space.__table__).values(
-                id=SPACE_ID, creator_id=CREATOR_ID, title="Benchmark Space", state="scheduled",
-                scheduled_start=now + timedelta(days=1), host_ids=[CREATOR_ID], first_seen_at=now,
-                last_seen_at=now, revision=1, is_ticketed=False,
-            )
-        )
-        await s.execute(
-            insert(Subscription.__table__).values(
-                id=ids["subscription"], account_id=ids["account"], target_kind="creator", creator_id=CREATOR_ID,
-                include_hosts=False, target_status="active", webhook_endpoint_id=ids["endpoint"],
-                lead_times=[15], event_types=["space.reminder"], paused=False, created_at=now, updated_at=now,
-            )
-        )
-    return ids
-
-
-async def insert_rows(ctx: Any, ids: dict[str, str], dues: list[datetime], start_index: int) -> list[str]:
-    from sqlalchemy import insert
-
-    from app.core.ids import new_id
-    from app.delivery.models import Notification
-
-    now = datetime.now(UTC)
-    rows = []
-    for i, due in enumerate(dues, start_index):
-        rows.append(
-            {
-                "id": new_id("ntf"), "account_id": ids["account"], "subscription_id": ids["subscription"],
-                "space_id": SPACE_ID, "kind": "space.reminder", "lead_time_minutes": i, "space_revision": 1,
-                "channel": "webhook", "webhook_endpoint_id": ids["endpoint"], "email_recipient_id": None,
-                "payload": None, "state": "pending", "state_reason": None, "due_at": due, "next_attempt_at": due,
-                "expires_at": now + timedelta(days=1), "attempts": 0, "late": False, "created_at": now,
-                "updated_at": now,
-            }
-        )
-    async with ctx.db.write() as s:
-        for start in range(0, len(rows), 2000):
-            await s.execute(insert(Notification.__table__), rows[start : start + 2000])
-    return [r["id"] for r in rows]
-
-
-async def delivered_count(ctx: Any) -> int:
-    from sqlalchemy import func, select
-
-    from app.delivery.models import Notification
-
-    async with ctx.db.session() as s:
-        return int(await s.scalar(select(func.count()).where(Notification.state == "delivered")) or 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements
-
-
-CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-PIN = len(CPUS) >= 2
-
-
-def pin_loop_thread(on: bool) -> None:
-    """Pin (or unpin) only the calling thread; threads started while pinned would inherit the pin."""
-    if PIN:
-        os.sched_setaffinity(threading.get_native_id(), {CPUS[0]} if on else set(CPUS))
-
-
-async def warm_pool(ctx: Any, connections: int = 4) -> None:
-    """Open the pool's connections (and SQLite's worker threads) before the loop thread is pinned."""
-    from sqlalchemy import text
-
-    async def touch() -> None:
-        async with ctx.db.session() as s:
-            await s.execute(text("SELECT 1"))
-            await asyncio.sleep(0.05)
-
-    await asyncio.gather(*(touch() for _ in range(connections)))
-
-
-def make_context(url: str) -> Any:
-    from app.core.context import AppContext
-    from app.core.settings import Settings
-
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        database_url=url,
-        migrate_on_start=False,
-        secret_key="bench-secret-key-bench-secret-key-0123456789",
-        webhook_allow_http=True,
-        webhook_allowed_networks=["127.0.0.0/8"],
-    )
-    return AppContext.from_settings(settings)
-
-
-async def dispatcher_throughput(url: str, receiver: Receiver, rows: int) -> tuple[float, int]:
-    from app.delivery.dispatcher import Dispatcher
-
-    pin_loop_thread(False)
-    ctx = make_context(url)
-    ids = await seed(ctx, receiver.url)
-    await insert_rows(ctx, ids, [datetime.now(UTC) - timedelta(seconds=1)] * rows, 0)
+async def dispatch(
+    db: Any, receiver: Receiver, dues: list[datetime], workers: int, *, timeout: float, lateness: bool = False
+) -> dict[str, Any]:
+    """Insert rows due at `dues`, start `workers` worker processes, measure until all are recorded."""
+    await db.clear_outbox()
+    ids = await insert_due(db, dues)
+    await db.analyze()
     await receiver.reset()
-    await warm_pool(ctx)
-    pin_loop_thread(True)
-    dispatcher = Dispatcher(ctx)
-    started = time.perf_counter()
-    await dispatcher.start()
-    while dispatcher.totals["delivered"] < rows:
-        await asyncio.sleep(0.005)
-    await dispatcher.settle()
-    elapsed = time.perf_counter() - started
-    await dispatcher.stop()
-    pin_loop_thread(False)
-    recorded = await delivered_count(ctx)
-    await ctx.db.dispose()
-    return rows / elapsed, recorded
-
-
-async def bare_client_throughput(receiver: Receiver, rows: int, in_flight: int = 64) -> float:
-    import aiohttp
-
-    from app.delivery.webhooks import build_webhook_body, sign_webhook
-
-    await receiver.reset()
-    due = datetime.now(UTC)
-    space = {
-        "id": SPACE_ID, "title": "Benchmark Space", "state": "scheduled", "scheduled_start": due,
-        "creator_id": CREATOR_ID, "creator_username": "XDevelopers", "url": f"https://x.com/i/spaces/{SPACE_ID}",
-    }
-    from app.core.ids import new_id
-
-    jobs = [
-        (new_id("ntf"), build_webhook_body(
-            "space.reminder", due, {"space": space, "subscription_id": "sub_bench", "lead_time_minutes": i}
-        ))
-        for i in range(rows)
-    ]
-    queue = iter(jobs)
-    pin_loop_thread(True)
-    connector = aiohttp.TCPConnector(limit=in_flight)
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def worker() -> None:
-            for msg_id, body in queue:
-                now = datetime.now(UTC)
-                headers = {
-                    "content-type": "application/json",
-                    "webhook-id": msg_id,
-                    "webhook-timestamp": str(int(now.timestamp())),
-                    "webhook-signature": sign_webhook(SECRET, msg_id, now, body),
-                }
-                async with http.post(receiver.url, data=body, headers=headers) as response:
-                    await response.read()
-                    assert response.status == 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - started
-    pin_loop_thread(False)
-    return rows / elapsed
-
-
-async def sender_alone_throughput(receiver: Receiver, rows: int, in_flight: int = 64) -> float:
-    from app.delivery.webhooks import WebhookSender, build_webhook_body
-
-    await receiver.reset()
-    body = build_webhook_body("space.reminder", datetime.now(UTC), {"space": {"id": SPACE_ID}})
-    pin_loop_thread(True)
-    async with WebhookSender(max_in_flight=in_flight, allow_http=True, allowed_networks=["127.0.0.0/8"]) as sender:
-        numbers = iter(range(rows))
-
-        async def worker() -> None:
-            for i in numbers:
-                result = await sender.send(
-                    receiver.url, SECRET, msg_id=f"ntf_alone{i}", body=body, timestamp=datetime.now(UTC)
-                )
-                assert result.delivered, result
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - started
-    pin_loop_thread(False)
-    return rows / elapsed
-
-
-async def lateness(url: str, receiver: Receiver, rate: float, seconds: float) -> dict[str, Any]:
-    from sqlalchemy import delete
-
-    from app.delivery.dispatcher import Dispatcher
-    from app.delivery.models import DeliveryAttempt, Notification
-
-    pin_loop_thread(False)
-    ctx = make_context(url)
-    async with ctx.db.write() as s:
-        await s.execute(delete(DeliveryAttempt.__table__))
-        await s.execute(delete(Notification.__table__))
-    ids = {"account": "acc_bench", "endpoint": "we_bench", "subscription": "sub_bench"}
-    count = int(rate * seconds)
-    first_due = datetime.now(UTC) + timedelta(seconds=4)
-    dues = [first_due + timedelta(seconds=i / rate) for i in range(count)]
-    notification_ids = await insert_rows(ctx, ids, dues, 10_000_000)
-    due_of = dict(zip(notification_ids, dues, strict=True))
-    await receiver.reset()
-    await warm_pool(ctx)
-    pin_loop_thread(True)
-    dispatcher = Dispatcher(ctx)
-    await dispatcher.start()
-    deadline = time.monotonic() + 4 + seconds + 10
-    while dispatcher.totals["delivered"] < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    await dispatcher.settle()
-    await dispatcher.stop()
-    pin_loop_thread(False)
-    await ctx.db.dispose()
+    t0 = dues[0].timestamp()
+    pool = Workers(db, workers)
+    try:
+        ready_after = await pool.ready()
+        late_start = time.time() > t0 - LOOKAHEAD
+        await asyncio.sleep(max(0.0, t0 - time.time()))
+        meter = CpuMeter(
+            {"workers": pool.pids, "receiver": [receiver.pid], "bench": [os.getpid()], "database": await db.backend_pids()}
+        )
+        meter.begin()
+        finished = await wait_until_recorded(db, t0, len(dues), timeout)
+        used = meter.end({"database": await db.backend_pids()})
+        rss = pool.peak_rss_mb()
+        errors = pool.errors()
+    finally:
+        await pool.stop()
+    last_due = dues[-1].timestamp()
     stats = await receiver.stats()
-    late_ms = sorted(
-        (arrived - due_of[msg_id].timestamp()) * 1000.0 for msg_id, arrived in stats["arrivals"] if msg_id in due_of
-    )
-    early = sum(1 for v in late_ms if v < 0)
-    return {
-        "sent": len(late_ms),
-        "expected": count,
+    result: dict[str, Any] = {
+        "rows": len(dues),
+        "seconds": finished - t0,
+        "rate": len(dues) / max(1e-9, finished - t0),
+        "delivered": await count_state(db, "delivered"),
+        "received": stats["count"],
         "bad_signatures": stats["bad_signatures"],
-        "duplicates": len(stats["arrivals"]) - len({a[0] for a in stats["arrivals"]}),
-        "early": early,
-        "p50_ms": statistics.median(late_ms),
-        "p99_ms": late_ms[min(len(late_ms) - 1, int(len(late_ms) * 0.99))],
-        "max_ms": late_ms[-1],
-        "min_ms": late_ms[0],
+        "duplicates": stats["duplicates"],
+        "cpu_us": {k: v / len(dues) * 1e6 for k, v in used.items() if k not in ("wall", "others")},
+        "others_cores": used["others"] / used["wall"],
+        "ready_after": ready_after,
+        "late_start": late_start,
+        "rss_mb": rss,
+        "errors": errors,
+        "drain_after_last_due": finished - last_due,
     }
+    if lateness:
+        due_of = dict(zip(ids, (d.timestamp() for d in dues), strict=True))
+        late_ms = sorted((t - due_of[i]) * 1000.0 for i, t in await receiver.arrivals() if i in due_of)
+        result["late_ms"] = late_ms
+    return result
+
+
+def describe(label: str, r: dict[str, Any], bare: float | None) -> str:
+    cpu = r["cpu_us"]
+    parts = [f"workers {cpu['workers']:.0f}", f"receiver {cpu['receiver']:.0f}"]
+    if cpu.get("database"):
+        parts.append(f"PostgreSQL {cpu['database']:.0f}")
+    ratio = f"ratio {r['rate'] / bare:.2f}" if bare else ""
+    checks = (
+        f"delivered {r['delivered']}/{r['rows']}, received {r['received']}, bad signatures {r['bad_signatures']}, "
+        f"duplicates {r['duplicates']}"
+    )
+    warn = " [WARNING: workers were not ready before the rows fell due]" if r["late_start"] else ""
+    if r["errors"]:
+        warn += f" [worker errors: {r['errors'][:2]}]"
+    return (
+        f"  {label:<34} {fmt_rate(r['rate']):>9}  {ratio:<11} CPU/webhook µs: {', '.join(parts)}; "
+        f"others busy {r['others_cores']:.2f} cores; peak RSS {max(r['rss_mb']):.0f} MB ({checks}){warn}"
+    )
+
+
+async def bare_rate(receiver: Receiver, rows: int, log: list[dict[str, Any]]) -> float:
+    result = await client_run(receiver, rows, mode="bare")
+    log.append(result)
+    return result["rate"]
 
 
 async def run(args: argparse.Namespace) -> None:
-    global PIN
-    logging.basicConfig(level=logging.WARNING)
-    PIN = PIN and not args.no_pin
-    receiver = Receiver(CPUS[-1] if PIN else None)
+    print_machine()
+    receiver = Receiver(pin=not args.no_pin)
+    bare_log: list[dict[str, Any]] = []
     try:
-        await asyncio.sleep(0.2)
-        with tempfile.TemporaryDirectory() as tmp:
-            for kind in args.db:
-                url = await prepare_database(kind, args.pg_url, Path(tmp))
-                rate_a, recorded = await dispatcher_throughput(url, receiver, args.rows)
-                stats = await receiver.stats()
-                rate_b = await bare_client_throughput(receiver, args.rows)
-                rate_s = await sender_alone_throughput(receiver, args.rows)
-                late = await lateness(url, receiver, args.rate, args.seconds)
-                where = f"loop thread on cpu {CPUS[0]}, receiver on cpu {CPUS[-1]}" if PIN else "not pinned"
-                print(f"\n=== {kind} ({where}, uvloop, {args.rows} rows) ===")
-                print(f"(a) dispatcher throughput : {rate_a:8.0f} webhooks/s  "
-                      f"(recorded delivered: {recorded}/{args.rows}, received {stats['count']}, "
-                      f"bad signatures {stats['bad_signatures']})")
-                print(f"(b) bare aiohttp, 64 in flight: {rate_b:8.0f} webhooks/s")
-                print(f"(b') WebhookSender alone   : {rate_s:8.0f} webhooks/s  "
-                      f"(its own ratio to b: {rate_s / rate_b:.2f})")
-                print(f"(c) ratio a/b             : {rate_a / rate_b:8.2f}   (a/b' {rate_a / rate_s:.2f})")
-                print(f"(d) lateness at {args.rate:g}/s for {args.seconds:g} s: p50 {late['p50_ms']:.2f} ms, "
-                      f"p99 {late['p99_ms']:.2f} ms, max {late['max_ms']:.2f} ms, min {late['min_ms']:.2f} ms "
-                      f"(sent {late['sent']}/{late['expected']}, early {late['early']}, "
-                      f"duplicates {late['duplicates']}, bad signatures {late['bad_signatures']})")
+        if "a" in args.parts:
+            await throughput(args, receiver, bare_log)
+        if "b" in args.parts:
+            await lateness_and_burst(args, receiver, bare_log)
     finally:
         receiver.close()
 
 
+async def throughput(args: argparse.Namespace, receiver: Receiver, bare_log: list[dict[str, Any]]) -> None:
+    print(f"\n(a) throughput, {args.rows:,} rows due at one instant; bare aiohttp client: 64 in flight, "
+          f"same receiver, run before and after each line", flush=True)
+    sender = await client_run(receiver, args.rows, mode="sender")
+    bare0 = await bare_rate(receiver, args.rows, bare_log)
+    print(f"  {'WebhookSender alone (no database)':<34} {fmt_rate(sender['rate']):>9}  "
+          f"ratio {sender['rate'] / bare0:.2f}  CPU/webhook µs: sender {sender['cpu_us']:.0f}, "
+          f"receiver {sender['receiver_cpu_us']:.0f}; bare client {bare0:,.0f}/s, CPU/webhook µs: "
+          f"client {bare_log[-1]['cpu_us']:.0f}, receiver {bare_log[-1]['receiver_cpu_us']:.0f}", flush=True)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for kind in args.db:
+        async with bench_database(kind, args.pg) as db:
+            await seed_single_endpoint(db, receiver.url)
+            for workers in ([1] if kind == "sqlite" else args.workers):
+                before = bare_log[-1]["rate"]
+                t0 = datetime.now(UTC) + timedelta(seconds=args.start_allowance + 1.5 * workers)
+                r = await dispatch(db, receiver, [t0] * args.rows, workers, timeout=args.timeout)
+                after = await bare_rate(receiver, args.rows, bare_log)
+                bare = (before + after) / 2
+                r["bare"] = bare
+                results[(kind, workers)] = r
+                label = f"{kind}, {workers} worker process{'es' if workers > 1 else ''}"
+                print(describe(label, r, bare) + f"; bare {before:,.0f}/s and {after:,.0f}/s", flush=True)
+    bare_all = [b["rate"] for b in bare_log]
+    print(f"  bare client over this run: median {median(bare_all):,.0f}/s, min {min(bare_all):,.0f}/s, "
+          f"max {max(bare_all):,.0f}/s; CPU/webhook µs: client {median(b['cpu_us'] for b in bare_log):.0f}, "
+          f"receiver {median(b['receiver_cpu_us'] for b in bare_log):.0f}")
+    pg = {w: r for (k, w), r in results.items() if k == "postgres"}
+    if 1 in pg and 2 in pg:
+        verdict = "yes" if pg[2]["rate"] > pg[1]["rate"] else "no"
+        print(f"  PostgreSQL, 2 workers > 1 worker? {verdict} "
+              f"({pg[2]['rate']:,.0f}/s vs {pg[1]['rate']:,.0f}/s, ratios {pg[2]['rate'] / pg[2]['bare']:.2f} "
+              f"vs {pg[1]['rate'] / pg[1]['bare']:.2f})")
+
+
+
+async def lateness_and_burst(args: argparse.Namespace, receiver: Receiver, bare_log: list[dict[str, Any]]) -> None:
+    if not bare_log:
+        await bare_rate(receiver, min(args.burst, 50_000), bare_log)
+    print(f"\n(b) lateness at {args.rate:g}/s for {args.seconds:g} s, and a burst of {args.burst:,} due at one "
+          f"instant (1 worker process)", flush=True)
+    for kind in args.db:
+        async with bench_database(kind, args.pg) as db:
+            await seed_single_endpoint(db, receiver.url)
+            count = int(args.rate * args.seconds)
+            start = datetime.now(UTC) + timedelta(seconds=args.start_allowance + 1.5)
+            dues = [start + timedelta(seconds=i / args.rate) for i in range(count)]
+            r = await dispatch(db, receiver, dues, 1, timeout=args.seconds + 60, lateness=True)
+            late = r["late_ms"]
+            early = sum(1 for v in late if v < 0)
+            print(f"  {kind:<8} steady {args.rate:g}/s: lateness p50 {percentile(late, 0.5):.2f} ms, "
+                  f"p99 {percentile(late, 0.99):.2f} ms, max {late[-1]:.2f} ms (received {len(late)}/{count}, "
+                  f"early {early}, duplicates {r['duplicates']}, bad signatures {r['bad_signatures']}; "
+                  f"others busy {r['others_cores']:.2f} cores)", flush=True)
+
+            before = bare_log[-1]["rate"]
+            t0 = datetime.now(UTC) + timedelta(seconds=args.start_allowance + 1.5)
+            r = await dispatch(db, receiver, [t0] * args.burst, 1, timeout=args.timeout * 3, lateness=True)
+            after = await bare_rate(receiver, min(args.burst, 50_000), bare_log)
+            bare = (before + after) / 2
+            late = r["late_ms"]
+            print(f"  {kind:<8} burst {args.burst:,}: drained in {r['seconds']:.2f} s = {fmt_rate(r['rate'])}, "
+                  f"ratio {r['rate'] / bare:.2f} to the bare client ({before:,.0f}/s and {after:,.0f}/s); "
+                  f"lateness p50 {percentile(late, 0.5):.0f} ms, p99 {percentile(late, 0.99):.0f} ms, "
+                  f"max {late[-1]:.0f} ms; CPU/webhook µs: workers {r['cpu_us']['workers']:.0f}"
+                  + (f", PostgreSQL {r['cpu_us']['database']:.0f}" if r["cpu_us"].get("database") else "")
+                  + f"; others busy {r['others_cores']:.2f} cores; peak RSS {max(r['rss_mb']):.0f} MB "
+                  f"(delivered {r['delivered']}/{args.burst}, duplicates {r['duplicates']})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", choices=["sqlite", "postgres"], action="append", help="database(s) to run against")
-    parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--rows", type=int, default=20000, help="rows for the throughput runs")
-    parser.add_argument("--rate", type=float, default=200.0, help="reminders per second for the lateness run")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--pg", default=os.environ.get("SPACEBELL_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
+                        help="an admin connection; a scratch database is created beside it and dropped")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker processes (PostgreSQL)")
+    parser.add_argument("--rows", type=int, default=20_000, help="rows per throughput measurement")
+    parser.add_argument("--rate", type=float, default=200.0, help="rows per second in the lateness run")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the lateness run")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin the two processes to separate cores")
-    parser.add_argument("--serve-receiver", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--burst", type=int, default=50_000, help="rows due at one instant in the burst run")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--start-allowance", type=float, default=4.0, help="seconds given to workers to start")
+    parser.add_argument("--parts", nargs="+", choices=["a", "b"], default=["a", "b"], help="(a) throughput, (b) lateness and burst")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the receiver to the last CPU")
+    parser.add_argument("--quick", action="store_true", help="smaller runs: 5,000 rows, 1 and 2 workers, 5 s, 10,000 burst")
     args = parser.parse_args()
-    if args.serve_receiver:
-        serve_receiver(args.serve_receiver, args.cpu)
-        return
-    args.db = args.db or ["sqlite", "postgres"]
+    if args.quick:
+        args.rows, args.seconds, args.burst = 5_000, 5.0, 10_000
+        args.workers = [w for w in args.workers if w <= 2] or [1]
     import uvloop
 
     uvloop.run(run(args))

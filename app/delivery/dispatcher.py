@@ -346,6 +346,9 @@ class Dispatcher:
                     if next_due is not None:
                         wake_at = min(wake_at, max(now, next_due - self.lookahead))
                 # else: hands are full; _finish() wakes us when a batch worth of room is free
+                if self._in_hand and self._next_housekeeping is not None:
+                    # Rows in hand need their leases renewed on time, however long the idle sleep.
+                    wake_at = min(wake_at, max(now, self._next_housekeeping))
                 self.last_error = None
                 if wake_at > now:
                     await self.clock.sleep_until(wake_at, self._wake)
@@ -395,7 +398,10 @@ class Dispatcher:
             if len(self._completions) < self.batch_size:
                 await asyncio.sleep(FLUSH_DELAY_SECONDS)
             try:
-                await self._flush_all()
+                # One write of what has gathered; results that arrive during it set _flush_needed and
+                # gather for the next one (writing until the buffers are empty would chase a busy
+                # dispatcher with a transaction for every few results).
+                await self._flush_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -420,7 +426,7 @@ class Dispatcher:
                 if taken is not None:
                     await self._write_results(session, taken, now)
                 batch = await self.outbox.claim_due(session, now, limit, self.owner, horizon=horizon, reclaim=reclaim)
-                context = await self.outbox.load_context(session, batch.rows) if batch.rows else None
+                context = await self.outbox.load_context(session, batch.rows, batch.context) if batch.rows else None
         except BaseException:
             if taken is not None:
                 self._restore_results(taken)
@@ -633,8 +639,7 @@ class Dispatcher:
         self._flushing -= 1
 
     async def _write_results(self, session: AsyncSession, taken: _Results, now: datetime) -> None:
-        done = await self.outbox.complete_many(session, taken.completions, now)
-        await self.outbox.log_attempts(session, taken.attempts)
+        done = await self.outbox.complete_and_log(session, taken.completions, taken.attempts, now)
         taken.disabled = await self.outbox.record_endpoint_outcomes(session, taken.outcomes, now)
         taken.refused = [c for c in taken.completions if c.id not in done]
 
@@ -656,15 +661,22 @@ class Dispatcher:
             log.warning("webhook endpoint disabled: %s", reason, extra={"endpoint_id": endpoint_id})
 
     async def _flush_all(self, now: datetime | None = None) -> None:
-        while self._completions or self._attempts or self._endpoint_outcomes:
-            taken = self._take_results()
-            try:
-                async with self._write() as session:
-                    await self._write_results(session, taken, now or self.clock.now())
-            except BaseException:
-                self._restore_results(taken)
-                raise
-            self._after_results(taken)
+        while await self._flush_once(now):
+            pass
+
+    async def _flush_once(self, now: datetime | None = None) -> bool:
+        """Write the buffered results in one transaction; False when there was nothing to write."""
+        if not (self._completions or self._attempts or self._endpoint_outcomes):
+            return False
+        taken = self._take_results()
+        try:
+            async with self._write() as session:
+                await self._write_results(session, taken, now or self.clock.now())
+        except BaseException:
+            self._restore_results(taken)
+            raise
+        self._after_results(taken)
+        return True
 
 
 def _encode_id(space_id: str | None) -> str:

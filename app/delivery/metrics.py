@@ -6,6 +6,8 @@ outcomes and lateness with the helpers at the bottom.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
@@ -50,17 +52,31 @@ delivery_lateness = Histogram(
 )
 
 
+# Label children, looked up once per label value (`labels()` costs more than the increment itself);
+# created on first use, so /metrics shows a series only once something happened, as before.
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, cached."""
+    key = (metric, *values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
+
 def record_webhook_attempt(outcome: str, latency_ms: float) -> None:
-    webhook_attempts.labels(outcome=outcome).inc()
+    child(webhook_attempts, outcome).inc()
     webhook_latency.observe(latency_ms / 1000.0)
 
 
 def record_email_attempt(outcome: str, latency_ms: float) -> None:
-    email_attempts.labels(outcome=outcome).inc()
+    child(email_attempts, outcome).inc()
     email_latency.observe(latency_ms / 1000.0)
 
 
 def record_notification_finished(channel: str, state: str, lateness_seconds: float | None = None) -> None:
-    notifications_finished.labels(channel=channel, state=state).inc()
+    child(notifications_finished, channel, state).inc()
     if lateness_seconds is not None:
-        delivery_lateness.labels(channel=channel).observe(max(0.0, lateness_seconds))
+        child(delivery_lateness, channel).observe(max(0.0, lateness_seconds))

@@ -17,8 +17,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, case, event, func, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.clock import utc
@@ -52,6 +50,7 @@ ACTIVE = (S.pending, S.held, S.sending)
 EMAIL_KINDS = frozenset({K.reminder, K.scheduled, K.rescheduled, K.canceled, K.started, K.confirmation})
 SPACE_URL = "https://x.com/i/spaces/{}"
 _CHUNK = 1000
+_UNKNOWN: Any = object()
 
 
 class Reason:
@@ -98,6 +97,7 @@ class ClaimedRow:
 class ClaimedBatch:
     token: str
     rows: list[ClaimedRow]
+    context: SendContext | None = None  # facts read by the claim itself (PostgreSQL: Spaces, endpoints)
 
 
 @dataclass(slots=True)
@@ -220,6 +220,10 @@ class _Plan:
     inserts: list[dict[str, Any]] = field(default_factory=list)
     moves: dict[tuple[Any, ...], list[str]] = field(default_factory=lambda: defaultdict(list))
     cancels: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _next_attempt(row: ClaimedRow) -> datetime:
+    return row.next_attempt_at
 
 
 def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -564,8 +568,11 @@ class ReminderOutbox:
         now: datetime,
         targets: _Targets,
         payload: dict[str, Any] | None,
+        *,
+        hold: datetime | None = _UNKNOWN,
     ) -> dict[str, Any]:
-        hold = self._hold(sub, targets, now)
+        if hold is _UNKNOWN:  # not worked out by the caller
+            hold = self._hold(sub, targets, now)
         return {
             "id": new_id("ntf"),
             "account_id": sub.account_id,
@@ -638,6 +645,7 @@ class ReminderOutbox:
         delivered: set[str] = set()
         start = space.scheduled_start
         upcoming = space.state == SpaceState.scheduled and start is not None and start > now
+        due_for: dict[int, datetime] = {}  # lead time -> due time, for this Space's start
         for sub in subs:
             rows = existing.get((space.id, sub.id), [])
             if any(r.state == S.delivered for r in rows):
@@ -647,6 +655,12 @@ class ReminderOutbox:
             assert start is not None
             wants = self._wants(sub, K.reminder, targets)
             leads = set(sub.lead_times or ()) if wants else set()
+            if not rows:
+                # Nothing planned yet for this subscription and Space (every row of a fan-out to a new
+                # Space): what the general case below does when there are no rows, without its books.
+                if leads:
+                    self._plan_new(plan, sub, space, leads, start, due_for, targets, now)
+                continue
             by_lead: dict[int, list[_Existing]] = defaultdict(list)
             for r in rows:
                 by_lead[r.lead].append(r)
@@ -690,6 +704,33 @@ class ReminderOutbox:
                     plan.moves[(space.revision, due, start, hold)].append(target)
         return delivered
 
+    def _plan_new(
+        self,
+        plan: _Plan,
+        sub: Subscription,
+        space: Space,
+        leads: set[int],
+        start: datetime,
+        due_for: dict[int, datetime],
+        targets: _Targets,
+        now: datetime,
+    ) -> None:
+        """One row per lead time still ahead, and of those already passed only the nearest (late)."""
+        dues = []
+        for lead in sorted(leads, reverse=True):
+            due = due_for.get(lead)
+            if due is None:
+                due = due_for[lead] = start - timedelta(minutes=lead)
+            dues.append((lead, due))
+        nearest = min((lead for lead, due in dues if due <= now), default=None)
+        hold = self._hold(sub, targets, now)
+        for lead, due in dues:
+            if due <= now and lead != nearest:
+                continue
+            plan.inserts.append(
+                self._row(sub, space.id, K.reminder, lead, space.revision, due, start, now, targets, None, hold=hold)
+            )
+
     async def _execute(self, session: AsyncSession, plan: _Plan, now: datetime) -> None:
         dialect = session.get_bind().dialect.name
         for reason, ids in plan.cancels.items():
@@ -721,9 +762,16 @@ class ReminderOutbox:
                     )
                 )
         if plan.inserts:
-            insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            for chunk in _chunks(plan.inserts, 500):
-                await session.execute(insert(T).on_conflict_do_nothing(), list(chunk))
+            if dialect == "postgresql":
+                # One INSERT ... SELECT FROM unnest(arrays) per 5,000 rows: executemany would run (and
+                # plan, and log) one INSERT per row in the server.
+                for chunk in _chunks(plan.inserts, 5000):
+                    await session.execute(_PG_INSERT, _insert_arrays(chunk))
+            else:
+                # executemany of plain tuples in SQLite's own formats (what the column types would bind).
+                connection = await session.connection()
+                for chunk in _chunks(plan.inserts, 5000):
+                    await connection.exec_driver_sql(_SQLITE_INSERT, [_sqlite_insert_row(r) for r in chunk])
 
     # ------------------------------------------------------------------------------------------
     # Claiming and completing (the dispatcher's side)
@@ -748,20 +796,33 @@ class ReminderOutbox:
         if reclaim:
             await self._reclaim_expired(session, now, postgres)
         token = secrets.token_hex(16)
+        if postgres:
+            result = await session.execute(
+                _PG_CLAIM,
+                {
+                    "horizon": horizon or now, "limit": limit, "token": token, "owner": owner[:128],
+                    "expires": now + self.lease, "now": now, "pending": S.pending, "sending": S.sending,
+                },
+            )
+            context = SendContext()
+            rows = []
+            for r in result:
+                rows.append(ClaimedRow(*r[:15], token))
+                if r[15] is not None and r[15] not in context.spaces:
+                    context.spaces[r[15]] = SpaceFacts(*r[15:22])
+                if r[22] is not None and r[22] not in context.endpoints:
+                    context.endpoints[r[22]] = EndpointFacts(*r[22:30])
+            rows.sort(key=_next_attempt)
+            return ClaimedBatch(token, rows, context)
         due = (
             select(N.id)
             .where(N.state == S.pending, N.next_attempt_at <= (horizon or now))
             .order_by(N.next_attempt_at)
             .limit(limit)
         )
-        if postgres:
-            picked = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
-            where = N.id == picked.c.id
-        else:
-            where = N.id.in_(due.scalar_subquery())
         stmt = (
             update(T)
-            .where(where)
+            .where(N.id.in_(due.scalar_subquery()))
             .values(
                 state=S.sending, lease_token=token, lease_owner=owner[:128], lease_expires_at=now + self.lease,
                 attempts=N.attempts + 1, updated_at=now,
@@ -773,13 +834,14 @@ class ReminderOutbox:
             )
         )
         rows = [ClaimedRow(*r, token) for r in await session.execute(stmt)]
-        rows.sort(key=lambda r: r.next_attempt_at)
+        rows.sort(key=_next_attempt)
         return ClaimedBatch(token, rows)
 
     async def _reclaim_expired(self, session: AsyncSession, now: datetime, postgres: bool) -> int:
-        stale = select(N.id).where(N.state == S.sending, N.lease_expires_at < now).limit(1000)
         if postgres:
-            stale = stale.with_for_update(skip_locked=True)
+            result = await session.execute(_PG_RECLAIM, {"now": now, "pending": S.pending, "sending": S.sending})
+            return result.rowcount or 0
+        stale = select(N.id).where(N.state == S.sending, N.lease_expires_at < now).limit(1000)
         result = await session.execute(
             update(T)
             .where(N.id.in_(stale.scalar_subquery()))
@@ -828,21 +890,7 @@ class ReminderOutbox:
         postgres = session.get_bind().dialect.name == "postgresql"
         for chunk in _chunks(completions, 2000):
             if postgres:
-                result = await session.execute(
-                    _PG_COMPLETE,
-                    {
-                        "ids": [c.id for c in chunk],
-                        "tokens": [c.lease_token for c in chunk],
-                        "states": [c.state for c in chunk],
-                        "reasons": [_clean(c.reason, 300) for c in chunk],
-                        "next_ats": [c.next_attempt_at for c in chunk],
-                        "attempts": [c.attempts for c in chunk],
-                        "errors": [_clean(c.last_error, 2000) for c in chunk],
-                        "delivered": [c.delivered_at for c in chunk],
-                        "late": [c.late for c in chunk],
-                        "now": now,
-                    },
-                )
+                result = await session.execute(_PG_COMPLETE, _completion_arrays(chunk, now))
             else:
                 rows = [
                     [
@@ -862,19 +910,7 @@ class ReminderOutbox:
         postgres = session.get_bind().dialect.name == "postgresql"
         for chunk in _chunks(attempts, 2000):
             if postgres:
-                await session.execute(
-                    _PG_ATTEMPTS,
-                    {
-                        "nids": [a.notification_id for a in chunk],
-                        "attempts": [a.attempt for a in chunk],
-                        "started": [a.started_at for a in chunk],
-                        "latency": [a.latency_ms for a in chunk],
-                        "outcomes": [a.outcome for a in chunk],
-                        "codes": [a.status_code for a in chunk],
-                        "errors": [_clean(a.error, 2000) for a in chunk],
-                        "excerpts": [_clean(a.response_excerpt, 1024) for a in chunk],
-                    },
-                )
+                await session.execute(_PG_ATTEMPTS, _attempt_arrays(chunk))
             else:
                 rows = [
                     [
@@ -884,6 +920,22 @@ class ReminderOutbox:
                     for a in chunk
                 ]
                 await session.execute(_SQLITE_ATTEMPTS, {"rows": json.dumps(rows)})
+
+    async def complete_and_log(
+        self,
+        session: AsyncSession,
+        completions: Sequence[Completion],
+        attempts: Sequence[AttemptRecord],
+        now: datetime,
+    ) -> set[str]:
+        """`complete_many` then `log_attempts`; on PostgreSQL one statement when both fit one chunk."""
+        postgres = session.get_bind().dialect.name == "postgresql"
+        if postgres and completions and attempts and len(completions) <= 2000 and len(attempts) <= 2000:
+            params = _completion_arrays(completions, now) | _attempt_arrays(attempts)
+            return {r[0] for r in await session.execute(_PG_COMPLETE_AND_LOG, params)}
+        done = await self.complete_many(session, completions, now)
+        await self.log_attempts(session, attempts)
+        return done
 
     async def record_endpoint_outcomes(
         self, session: AsyncSession, outcomes: Sequence[EndpointOutcome], now: datetime
@@ -942,43 +994,26 @@ class ReminderOutbox:
         disabled += [(eid, reason) for (eid,) in result]
         return disabled
 
-    async def load_context(self, session: AsyncSession, rows: Sequence[ClaimedRow]) -> SendContext:
-        context = SendContext()
-        space_ids = sorted({r.space_id for r in rows if r.space_id})
-        endpoint_ids = sorted({r.webhook_endpoint_id for r in rows if r.webhook_endpoint_id})
+    async def load_context(
+        self, session: AsyncSession, rows: Sequence[ClaimedRow], known: SendContext | None = None
+    ) -> SendContext:
+        """What sending `rows` needs; facts already in `known` (read by the claim) are not read again."""
+        context = known or SendContext()
+        space_ids = sorted({r.space_id for r in rows if r.space_id} - context.spaces.keys())
+        endpoint_ids = sorted({r.webhook_endpoint_id for r in rows if r.webhook_endpoint_id} - context.endpoints.keys())
         recipient_ids = sorted({r.email_recipient_id for r in rows if r.email_recipient_id})
         sub_ids = sorted({r.subscription_id for r in rows if r.channel == "email" and r.subscription_id})
         for chunk in _chunks(space_ids):
-            stmt = (
-                select(
-                    Space.id, Space.title, Space.state, Space.scheduled_start, Space.started_at, Space.creator_id,
-                    Creator.username,
-                )
-                .outerjoin(Creator, Creator.id == Space.creator_id)
-                .where(Space.id.in_(chunk))
-            )
-            for row in await session.execute(stmt):
+            for row in await session.execute(_SPACE_FACTS, {"ids": list(chunk)}):
                 context.spaces[row[0]] = SpaceFacts(*row)
         for chunk in _chunks(endpoint_ids):
-            stmt = select(
-                WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.secret, WebhookEndpoint.enabled,
-                WebhookEndpoint.disabled_reason, WebhookEndpoint.throttled_until, WebhookEndpoint.failing_since,
-                WebhookEndpoint.event_types,
-            ).where(WebhookEndpoint.id.in_(chunk))
-            for row in await session.execute(stmt):
+            for row in await session.execute(_ENDPOINT_FACTS, {"ids": list(chunk)}):
                 context.endpoints[row[0]] = EndpointFacts(*row)
         for chunk in _chunks(recipient_ids):
-            stmt = select(
-                EmailRecipient.id, EmailRecipient.address, EmailRecipient.timezone, EmailRecipient.confirmed_at,
-                EmailRecipient.unsubscribed_at,
-            ).where(EmailRecipient.id.in_(chunk))
-            for row in await session.execute(stmt):
+            for row in await session.execute(_RECIPIENT_FACTS, {"ids": list(chunk)}):
                 context.recipients[row[0]] = RecipientFacts(*row)
         for chunk in _chunks(sub_ids):
-            stmt = select(
-                Subscription.id, Subscription.target_kind, Subscription.creator_username, Subscription.keyword
-            ).where(Subscription.id.in_(chunk))
-            for row in await session.execute(stmt):
+            for row in await session.execute(_SUBSCRIPTION_FACTS, {"ids": list(chunk)}):
                 context.subscriptions[row[0]] = SubscriptionFacts(*row)
         return context
 
@@ -1087,6 +1122,28 @@ class ReminderOutbox:
         )
 
 
+# What sending needs, read once per claimed batch; built once here (an `IN` list of any length binds
+# to the expanding parameter), not per batch.
+_IDS = bindparam("ids", expanding=True)
+_SPACE_FACTS = (
+    select(Space.id, Space.title, Space.state, Space.scheduled_start, Space.started_at, Space.creator_id, Creator.username)
+    .outerjoin(Creator, Creator.id == Space.creator_id)
+    .where(Space.id.in_(_IDS))
+)
+_ENDPOINT_FACTS = select(
+    WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.secret, WebhookEndpoint.enabled,
+    WebhookEndpoint.disabled_reason, WebhookEndpoint.throttled_until, WebhookEndpoint.failing_since,
+    WebhookEndpoint.event_types,
+).where(WebhookEndpoint.id.in_(_IDS))
+_RECIPIENT_FACTS = select(
+    EmailRecipient.id, EmailRecipient.address, EmailRecipient.timezone, EmailRecipient.confirmed_at,
+    EmailRecipient.unsubscribed_at,
+).where(EmailRecipient.id.in_(_IDS))
+_SUBSCRIPTION_FACTS = select(
+    Subscription.id, Subscription.target_kind, Subscription.creator_username, Subscription.keyword
+).where(Subscription.id.in_(_IDS))
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return format_utc(value)
@@ -1155,8 +1212,7 @@ def _sqlite_dt(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-_PG_COMPLETE = text(
-    """
+_PG_COMPLETE_SQL = """
 UPDATE notification AS n SET
     state = v.state,
     state_reason = v.reason,
@@ -1172,10 +1228,119 @@ FROM unnest(
     CAST(:next_ats AS timestamptz[]), CAST(:attempts AS int[]), CAST(:errors AS text[]),
     CAST(:delivered AS timestamptz[]), CAST(:late AS boolean[])
 ) AS v(id, token, state, reason, next_at, attempts, last_error, delivered_at, late)
-WHERE n.id = v.id AND n.lease_token = v.token
+WHERE n.id = ANY(CAST(:ids AS text[])) AND n.id = v.id AND n.lease_token = v.token
 RETURNING n.id
 """
+_PG_COMPLETE = text(_PG_COMPLETE_SQL).bindparams(bindparam("now", type_=UTCDateTime()))
+
+# The PostgreSQL statements below reach rows through `id = ANY(<array>)` so the plan is primary-key
+# probes whatever the table's size: a join against a CTE or `unnest()`, or `IN (subquery)`, is often
+# planned as a hash join over a sequential scan of the whole table (every claim and every result
+# batch then reads every row). The claim locks its rows in the ARRAY() subquery (an InitPlan,
+# evaluated once), as the MATERIALIZED CTE did, and returns each row with the facts of its Space and
+# webhook endpoint (what `load_context` would read next): under load every round trip waits behind
+# the event loop's HTTP work, and the claim's round trips bound the dispatcher's rate.
+_SPACE = Space.__table__.c
+_ENDPOINT = WE.c
+_PG_CLAIM = (
+    text(
+        """
+WITH claimed AS (
+    UPDATE notification SET
+        state = :sending, lease_token = :token, lease_owner = :owner, lease_expires_at = :expires,
+        attempts = attempts + 1, updated_at = :now
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM notification
+        WHERE state = :pending AND next_attempt_at <= :horizon
+        ORDER BY next_attempt_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id, account_id, subscription_id, space_id, kind, channel, webhook_endpoint_id, email_recipient_id,
+        lead_time_minutes, space_revision, payload, due_at, next_attempt_at, expires_at, attempts
+)
+SELECT c.id, c.account_id, c.subscription_id, c.space_id, c.kind, c.channel, c.webhook_endpoint_id,
+    c.email_recipient_id, c.lead_time_minutes, c.space_revision, c.payload, c.due_at, c.next_attempt_at,
+    c.expires_at, c.attempts,
+    s.id, s.title, s.state, s.scheduled_start, s.started_at, s.creator_id, cr.username,
+    e.id, e.url, e.secret, e.enabled, e.disabled_reason, e.throttled_until, e.failing_since, e.event_types
+FROM claimed AS c
+LEFT JOIN space AS s ON s.id = c.space_id
+LEFT JOIN creator AS cr ON cr.id = s.creator_id
+LEFT JOIN webhook_endpoint AS e ON e.id = c.webhook_endpoint_id
+"""
+    )
+    .bindparams(
+        bindparam("horizon", type_=UTCDateTime()),
+        bindparam("expires", type_=UTCDateTime()),
+        bindparam("now", type_=UTCDateTime()),
+    )
+    .columns(
+        N.id, N.account_id, N.subscription_id, N.space_id, N.kind, N.channel, N.webhook_endpoint_id,
+        N.email_recipient_id, N.lead_time_minutes, N.space_revision, N.payload, N.due_at, N.next_attempt_at,
+        N.expires_at, N.attempts,
+        _SPACE.id, _SPACE.title, _SPACE.state, _SPACE.scheduled_start, _SPACE.started_at, _SPACE.creator_id,
+        Creator.__table__.c.username,
+        _ENDPOINT.id, _ENDPOINT.url, _ENDPOINT.secret, _ENDPOINT.enabled, _ENDPOINT.disabled_reason,
+        _ENDPOINT.throttled_until, _ENDPOINT.failing_since, _ENDPOINT.event_types,
+    )
+)
+
+_PG_RECLAIM = text(
+    """
+UPDATE notification SET state = :pending, lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL,
+    updated_at = :now
+WHERE id = ANY(ARRAY(
+    SELECT id FROM notification
+    WHERE state = :sending AND lease_expires_at < :now
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+))
+"""
 ).bindparams(bindparam("now", type_=UTCDateTime()))
+
+_INSERT_COLUMNS = (
+    ("id", "text"), ("account_id", "text"), ("subscription_id", "text"), ("space_id", "text"), ("kind", "text"),
+    ("lead_time_minutes", "int"), ("space_revision", "int"), ("channel", "text"), ("webhook_endpoint_id", "text"),
+    ("email_recipient_id", "text"), ("payload", "text"), ("state", "text"), ("state_reason", "text"),
+    ("due_at", "timestamptz"), ("next_attempt_at", "timestamptz"), ("expires_at", "timestamptz"),
+    ("attempts", "int"), ("late", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
+)
+_PG_INSERT = text(
+    f"""
+INSERT INTO notification ({", ".join(c for c, _t in _INSERT_COLUMNS)})
+SELECT {", ".join("CAST(v.payload AS json)" if c == "payload" else f"v.{c}" for c, _t in _INSERT_COLUMNS)}
+FROM unnest({", ".join(f"CAST(:{c} AS {t}[])" for c, t in _INSERT_COLUMNS)})
+    AS v({", ".join(c for c, _t in _INSERT_COLUMNS)})
+ON CONFLICT DO NOTHING
+"""
+)
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO notification ({', '.join(c for c, _t in _INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _c in _INSERT_COLUMNS)}) ON CONFLICT DO NOTHING"
+)
+
+
+def _sqlite_insert_row(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row dict as SQLAlchemy's SQLite types bind it: naive UTC text datetimes, JSON text, 0/1."""
+    return (
+        row["id"], row["account_id"], row["subscription_id"], row["space_id"], row["kind"], row["lead_time_minutes"],
+        row["space_revision"], row["channel"], row["webhook_endpoint_id"], row["email_recipient_id"],
+        json.dumps(row["payload"]), row["state"], row["state_reason"], _sqlite_dt(row["due_at"]),
+        _sqlite_dt(row["next_attempt_at"]), _sqlite_dt(row["expires_at"]), row["attempts"], 1 if row["late"] else 0,
+        _sqlite_dt(row["created_at"]), _sqlite_dt(row["updated_at"]),
+    )
+
+
+def _insert_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Row dicts (as `_row` builds them) as one array per column for `_PG_INSERT`. A payload is stored
+    as JSON text the way the JSON column type stores it (None as the JSON `null`)."""
+    arrays: dict[str, list[Any]] = {c: [r[c] for r in rows] for c, _t in _INSERT_COLUMNS if c != "payload"}
+    arrays["payload"] = [json.dumps(r["payload"]) for r in rows]
+    return arrays
+
 
 _SQLITE_COMPLETE = text(
     """
@@ -1200,19 +1365,53 @@ RETURNING notification.id
 """
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
-_PG_ATTEMPTS = text(
-    """
+_PG_ATTEMPTS_SQL = """
 INSERT INTO delivery_attempt
     (notification_id, attempt, started_at, latency_ms, outcome, status_code, error, response_excerpt)
 SELECT v.nid, v.attempt, v.started_at, v.latency_ms, v.outcome, v.status_code, v.error, v.excerpt
 FROM unnest(
-    CAST(:nids AS text[]), CAST(:attempts AS int[]), CAST(:started AS timestamptz[]),
-    CAST(:latency AS float8[]), CAST(:outcomes AS text[]), CAST(:codes AS int[]), CAST(:errors AS text[]),
-    CAST(:excerpts AS text[])
+    CAST(:a_nids AS text[]), CAST(:a_attempts AS int[]), CAST(:a_started AS timestamptz[]),
+    CAST(:a_latency AS float8[]), CAST(:a_outcomes AS text[]), CAST(:a_codes AS int[]), CAST(:a_errors AS text[]),
+    CAST(:a_excerpts AS text[])
 ) AS v(nid, attempt, started_at, latency_ms, outcome, status_code, error, excerpt)
-WHERE EXISTS (SELECT 1 FROM notification n WHERE n.id = v.nid)
+WHERE EXISTS (SELECT 1 FROM notification n WHERE n.id = v.nid AND n.id = ANY(CAST(:a_nids AS text[])))
 """
-)
+_PG_ATTEMPTS = text(_PG_ATTEMPTS_SQL)
+
+# A batch of results in one statement: the UPDATE and the INSERT see the same snapshot, and neither
+# needs the other's effects (the attempt log only needs the notification to exist).
+_PG_COMPLETE_AND_LOG = text(
+    f"WITH done AS ({_PG_COMPLETE_SQL}), logged AS ({_PG_ATTEMPTS_SQL}) SELECT id FROM done"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def _completion_arrays(chunk: Sequence[Completion], now: datetime) -> dict[str, Any]:
+    return {
+        "ids": [c.id for c in chunk],
+        "tokens": [c.lease_token for c in chunk],
+        "states": [c.state for c in chunk],
+        "reasons": [_clean(c.reason, 300) for c in chunk],
+        "next_ats": [c.next_attempt_at for c in chunk],
+        "attempts": [c.attempts for c in chunk],
+        "errors": [_clean(c.last_error, 2000) for c in chunk],
+        "delivered": [c.delivered_at for c in chunk],
+        "late": [c.late for c in chunk],
+        "now": now,
+    }
+
+
+def _attempt_arrays(chunk: Sequence[AttemptRecord]) -> dict[str, Any]:
+    return {
+        "a_nids": [a.notification_id for a in chunk],
+        "a_attempts": [a.attempt for a in chunk],
+        "a_started": [a.started_at for a in chunk],
+        "a_latency": [a.latency_ms for a in chunk],
+        "a_outcomes": [a.outcome for a in chunk],
+        "a_codes": [a.status_code for a in chunk],
+        "a_errors": [_clean(a.error, 2000) for a in chunk],
+        "a_excerpts": [_clean(a.response_excerpt, 1024) for a in chunk],
+    }
+
 
 _SQLITE_ATTEMPTS = text(
     """

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -15,7 +17,7 @@ import re
 import secrets as secrets_module
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from standardwebhooks import Webhook
+from multidict import CIMultiDict
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 from yarl import URL
 
@@ -49,6 +51,8 @@ THROTTLE_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_SECONDS = 86400.0
 _DRAIN_LIMIT_BYTES = 65536  # read and discard this much more so the connection can be reused
 _MSG_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+_SECRET_PREFIX = "whsec_"
+_TARGET_CACHE_SIZE = 4096
 
 
 class WebhookOutcome(StrEnum):
@@ -103,17 +107,54 @@ def _json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_` secret, decoded exactly as `standardwebhooks.Webhook` decodes it
+    (prefix optional, padding optional); raises ValueError or EmptyWebhookSecretError like it."""
+    key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX) + "==")
+    if not key:
+        raise EmptyWebhookSecretError("webhook secret may not be empty")
+    return key
+
+
+class WebhookSigner:
+    """`standardwebhooks.Webhook(secret).sign(...)`, with the HMAC keyed once: each signature copies
+    the keyed state instead of hashing the key again (tests prove the two give the same values)."""
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, secret: str) -> None:
+        self._keyed = hmac.new(secret_key(secret), digestmod=hashlib.sha256)
+
+    def sign(self, msg_id: str, timestamp: str, body: bytes) -> str:
+        """`timestamp` is the `webhook-timestamp` header value (whole seconds since the epoch)."""
+        mac = self._keyed.copy()
+        mac.update(f"{msg_id}.{timestamp}.".encode())
+        mac.update(body)
+        return "v1," + base64.b64encode(mac.digest()).decode()
+
+
 @lru_cache(maxsize=4096)
-def _signer(secret: str) -> Webhook:
-    # Constructing a Webhook base64-decodes the secret; endpoints are few, sends are many.
-    return Webhook(secret)
+def _signer(secret: str) -> WebhookSigner:
+    # Endpoints are few, sends are many: decode and key each secret once.
+    return WebhookSigner(secret)
+
+
+def _unix_seconds(timestamp: datetime) -> str:
+    """The `webhook-timestamp` value; a naive time counts as UTC (as standardwebhooks does)."""
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return str(math.floor(timestamp.timestamp()))
+
+
+def _signature(secret: str | Sequence[str], msg_id: str, stamp: str, body: bytes) -> str:
+    if isinstance(secret, str):
+        return _signer(secret).sign(msg_id, stamp, body)
+    return " ".join(_signer(s).sign(msg_id, stamp, body) for s in secret)
 
 
 def sign_webhook(secret: str | Sequence[str], msg_id: str, timestamp: datetime, body: bytes) -> str:
     """The `webhook-signature` value; several secrets (during rotation) give space-separated signatures."""
-    secret_list = [secret] if isinstance(secret, str) else list(secret)
-    text = body.decode()
-    return " ".join(_signer(s).sign(msg_id, timestamp, text) for s in secret_list)
+    return _signature(secret, msg_id, _unix_seconds(timestamp), body)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -189,6 +230,10 @@ class WebhookSender:
         self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._headers: CIMultiDict[str] = CIMultiDict({"content-type": "application/json"})
+        # URL string -> the URL to post to, or why the egress policy refuses it (see _check_target).
+        self._targets: dict[str, URL | EgressPolicyError] = {}
+        self._target_policy: tuple[bool, tuple[Any, ...]] = (self.allow_http, self.allowed_networks)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> WebhookSender:
@@ -252,12 +297,13 @@ class WebhookSender:
             raise ValueError("msg_id must be 1-128 characters of [A-Za-z0-9_-]")
         if timestamp.tzinfo is None:
             timestamp = timestamp.replace(tzinfo=UTC)  # the signature treats naive times as UTC too
+        in_flight = metrics.webhook_in_flight
         async with self._slots:
-            metrics.webhook_in_flight.inc()
+            in_flight.inc()
             try:
                 result = await self._attempt(url, secret, msg_id, body, timestamp)
             finally:
-                metrics.webhook_in_flight.dec()
+                in_flight.dec()
         metrics.record_webhook_attempt(result.outcome, result.latency_ms)
         if result.outcome is not WebhookOutcome.delivered:
             # The host only: webhook URLs often carry tokens in their path or query.
@@ -265,79 +311,94 @@ class WebhookSender:
         return result
 
     def _check_target(self, url: str) -> URL:
-        """The registration rules again, per send: settings may have changed, and IP literals never
-        reach the resolver (aiohttp connects to them directly)."""
-        check_webhook_url(url, allow_http=self.allow_http, allowed_networks=self.allowed_networks)
-        return URL(url)
+        """The registration rules again before a send, because IP literals never reach the resolver
+        (aiohttp connects to them directly); host names are checked again by `PolicyResolver` on
+        every connection. The verdict only depends on the URL string and this sender's
+        `allow_http` and `allowed_networks`, so it is cached per URL (and dropped if those change)."""
+        policy = (self.allow_http, self.allowed_networks)
+        if policy != self._target_policy:
+            self._targets.clear()
+            self._target_policy = policy
+        verdict = self._targets.get(url)
+        if verdict is None:
+            try:
+                check_webhook_url(url, allow_http=self.allow_http, allowed_networks=self.allowed_networks)
+                verdict = URL(url)
+            except EgressPolicyError as exc:
+                verdict = exc
+            if len(self._targets) >= _TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[url] = verdict
+        if isinstance(verdict, EgressPolicyError):
+            raise EgressPolicyError(verdict.reason)
+        return verdict
 
     async def _attempt(
         self, url: str, secret: str | Sequence[str], msg_id: str, body: bytes, timestamp: datetime
     ) -> WebhookResult:
         assert self._session is not None
         started = time.perf_counter()
-
-        def elapsed_ms() -> float:
-            return (time.perf_counter() - started) * 1000.0
-
         try:
             target = self._check_target(url)
         except EgressPolicyError as exc:
-            return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error=exc.reason)
+            return WebhookResult(WebhookOutcome.failed, None, _ms_since(started), error=exc.reason)
 
+        stamp = _unix_seconds(timestamp)
         try:
-            signature = sign_webhook(secret, msg_id, timestamp, body)
+            signature = _signature(secret, msg_id, stamp, body)
         except (ValueError, EmptyWebhookSecretError):  # binascii.Error is a ValueError
-            return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error="the endpoint's webhook secret is invalid")
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(math.floor(timestamp.timestamp())),
-            "webhook-signature": signature,
-        }
+            return WebhookResult(
+                WebhookOutcome.failed, None, _ms_since(started), error="the endpoint's webhook secret is invalid"
+            )
+        headers = CIMultiDict(self._headers)
+        headers["webhook-id"] = msg_id
+        headers["webhook-timestamp"] = stamp
+        headers["webhook-signature"] = signature
         try:
             try:
-                return await self._post(target, body, headers, elapsed_ms, timestamp)
+                return await self._post(target, body, headers, started, timestamp)
             except aiohttp.ServerDisconnectedError:
                 # Most often a pooled keep-alive connection the server closed as we reused it;
                 # one immediate try on another connection (receivers dedupe on webhook-id).
-                return await self._post(target, body, headers, elapsed_ms, timestamp)
+                return await self._post(target, body, headers, started, timestamp)
         except EgressPolicyError as exc:
-            return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error=exc.reason)
+            return WebhookResult(WebhookOutcome.failed, None, _ms_since(started), error=exc.reason)
         except TimeoutError:
             return WebhookResult(
-                WebhookOutcome.retry, None, elapsed_ms(), error=f"timed out after {self.timeout_seconds:g}s"
+                WebhookOutcome.retry, None, _ms_since(started), error=f"timed out after {self.timeout_seconds:g}s"
             )
         except aiohttp.ClientConnectorDNSError as exc:
-            return WebhookResult(WebhookOutcome.retry, None, elapsed_ms(), error=f"DNS lookup failed: {exc}")
+            return WebhookResult(WebhookOutcome.retry, None, _ms_since(started), error=f"DNS lookup failed: {exc}")
         except aiohttp.ClientConnectorCertificateError as exc:
             return WebhookResult(
-                WebhookOutcome.retry, None, elapsed_ms(), error=f"TLS certificate rejected: {exc.certificate_error}"
+                WebhookOutcome.retry, None, _ms_since(started),
+                error=f"TLS certificate rejected: {exc.certificate_error}",
             )
         except aiohttp.ClientSSLError as exc:
-            return WebhookResult(WebhookOutcome.retry, None, elapsed_ms(), error=f"TLS error: {exc}")
+            return WebhookResult(WebhookOutcome.retry, None, _ms_since(started), error=f"TLS error: {exc}")
         except aiohttp.InvalidURL as exc:
-            return WebhookResult(WebhookOutcome.failed, None, elapsed_ms(), error=f"invalid webhook URL: {exc}")
+            return WebhookResult(WebhookOutcome.failed, None, _ms_since(started), error=f"invalid webhook URL: {exc}")
         except aiohttp.ClientConnectionError as exc:
             return WebhookResult(
-                WebhookOutcome.retry, None, elapsed_ms(), error=f"connection failed: {exc or type(exc).__name__}"
+                WebhookOutcome.retry, None, _ms_since(started), error=f"connection failed: {exc or type(exc).__name__}"
             )
         except aiohttp.ClientError as exc:
             return WebhookResult(
-                WebhookOutcome.retry, None, elapsed_ms(), error=f"HTTP error: {exc or type(exc).__name__}"
+                WebhookOutcome.retry, None, _ms_since(started), error=f"HTTP error: {exc or type(exc).__name__}"
             )
 
     async def _post(
         self,
         target: URL,
         body: bytes,
-        headers: dict[str, str],
-        elapsed_ms: Callable[[], float],
+        headers: CIMultiDict[str],
+        started: float,
         timestamp: datetime,
     ) -> WebhookResult:
         assert self._session is not None
         async with self._session.post(target, data=body, headers=headers, allow_redirects=False) as response:
             excerpt = await self._read_excerpt(response)
-            return self._result_for_response(response, response.status, excerpt, elapsed_ms(), timestamp)
+            return self._result_for_response(response, response.status, excerpt, _ms_since(started), timestamp)
 
     async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
         """At most max_response_bytes of the body; a body that fails to arrive is not an outcome."""
@@ -395,8 +456,17 @@ def _host_of(url: str) -> str:
         return "?"
 
 
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
 async def _read_up_to(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    buffer = bytearray()
+    if limit <= 0:
+        return b""
+    first = await stream.read(limit)
+    if not first or len(first) >= limit or stream.at_eof():
+        return first  # the usual short answer: one read, no second call to learn it has ended
+    buffer = bytearray(first)
     while len(buffer) < limit:
         chunk = await stream.read(limit - len(buffer))
         if not chunk:
