@@ -297,13 +297,13 @@ class WebhookSender:
             raise ValueError("msg_id must be 1-128 characters of [A-Za-z0-9_-]")
         if timestamp.tzinfo is None:
             timestamp = timestamp.replace(tzinfo=UTC)  # the signature treats naive times as UTC too
-        in_flight = metrics.webhook_in_flight
+        in_flight = metrics.webhooks_in_flight
         async with self._slots:
-            in_flight.inc()
+            in_flight.count += 1
             try:
                 result = await self._attempt(url, secret, msg_id, body, timestamp)
             finally:
-                in_flight.dec()
+                in_flight.count -= 1
         metrics.record_webhook_attempt(result.outcome, result.latency_ms)
         if result.outcome is not WebhookOutcome.delivered:
             # The host only: webhook URLs often carry tokens in their path or query.

@@ -60,3 +60,33 @@ async def test_bulk_insert_stores_what_sqlalchemy_stores(ctx: AppContext) -> Non
     by_id = dict(zip(["ntf_bulk0", "ntf_bulk1", "ntf_bulk10", "ntf_bulk11"], stored, strict=True))
     assert by_id["ntf_bulk10"] == by_id["ntf_bulk0"]
     assert by_id["ntf_bulk11"] == by_id["ntf_bulk1"]
+
+
+async def test_a_big_fan_out_refreshes_the_planner_statistics(ctx: AppContext, monkeypatch: Any) -> None:
+    """PostgreSQL only: after inserting ANALYZE_AFTER_ROWS rows or more, the fan-out runs ANALYZE in its
+    transaction (SQLite has no statistics to go stale: nothing is run there)."""
+    import app.delivery.outbox as outbox_module
+    from app.spaces.models import Creator, Space, SpaceEvent
+
+    monkeypatch.setattr(outbox_module, "ANALYZE_AFTER_ROWS", 3)
+    account = await seed_account(ctx)
+    endpoint = await add_endpoint(ctx, account, "http://127.0.0.1:9/hook")
+    for _ in range(3):
+        await add_subscription(ctx, account, webhook_endpoint_id=endpoint.id, lead_times=[15, 60])
+    now = ctx.clock.now()
+    async with ctx.db.write() as session:
+        session.add(Creator(id=CREATOR, username="XDevelopers", username_lower="xdevelopers", resolved_at=now))
+        session.add(
+            Space(id=SPACE, creator_id=CREATOR, title="t", state="scheduled", scheduled_start=now + timedelta(days=1),
+                  host_ids=[], first_seen_at=now, last_seen_at=now, revision=1, is_ticketed=False)
+        )
+        await session.flush()
+        session.add(SpaceEvent(space_id=SPACE, kind="space.scheduled", revision=1, occurred_at=now,
+                               scheduled_start=now + timedelta(days=1)))
+    async with ctx.db.write() as session:
+        assert await ReminderOutbox().fan_out_events(session, now) == 1
+    async with ctx.db.session() as session:
+        rows = await session.scalar(text("SELECT count(*) FROM notification WHERE kind = 'space.reminder'"))
+        assert rows == 6
+        if not ctx.db.is_sqlite:
+            assert await session.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'notification'")) >= 6

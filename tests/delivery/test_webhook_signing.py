@@ -121,3 +121,30 @@ def test_changing_the_senders_policy_drops_cached_verdicts() -> None:
         sender._check_target(url)
     sender.allowed_networks = WebhookSender(allowed_networks=["127.0.0.0/8"]).allowed_networks
     assert str(sender._check_target(url)) == url
+
+
+async def test_in_flight_gauge_counts_requests_being_sent() -> None:
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from tests.support.receivers import Reply, WebhookReceiver
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("spacebell_webhook_in_flight")
+
+    secret = generate_webhook_secret()
+    async with WebhookReceiver(secret) as receiver:
+        receiver.default_reply = Reply(200, delay=0.3)
+        async with WebhookSender(allow_http=True, allowed_networks=["127.0.0.0/8"]) as sender:
+            before = gauge()
+            sends = [
+                asyncio.create_task(
+                    sender.send(receiver.url, secret, msg_id=f"ntf_g{i}", body=b"{}", timestamp=datetime.now(UTC))
+                )
+                for i in range(3)
+            ]
+            await receiver.wait_for(3)
+            assert gauge() == (before or 0) + 3
+            assert all(r.delivered for r in await asyncio.gather(*sends))
+            assert gauge() == before
