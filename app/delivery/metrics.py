@@ -11,7 +11,6 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
-_LATENESS_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 
 webhook_attempts = Counter(
     "spacebell_webhook_attempts_total",
@@ -53,19 +52,6 @@ smtp_connections_opened = Counter(
     "spacebell_smtp_connections_opened_total", "SMTP connections opened (low when connections are reused)."
 )
 
-notifications_finished = Counter(
-    "spacebell_notifications_finished_total",
-    "Notifications that reached a terminal state, by channel and state.",
-    ["channel", "state"],
-)
-delivery_lateness = Histogram(
-    "spacebell_delivery_lateness_seconds",
-    "How long after its due time a notification was delivered.",
-    ["channel"],
-    buckets=_LATENESS_BUCKETS,
-)
-
-
 # Label children, looked up once per label value (`labels()` costs more than the increment itself);
 # created on first use, so /metrics shows a series only once something happened, as before.
 _children: dict[tuple[object, ...], Any] = {}
@@ -88,9 +74,3 @@ def record_webhook_attempt(outcome: str, latency_ms: float) -> None:
 def record_email_attempt(outcome: str, latency_ms: float) -> None:
     child(email_attempts, outcome).inc()
     email_latency.observe(latency_ms / 1000.0)
-
-
-def record_notification_finished(channel: str, state: str, lateness_seconds: float | None = None) -> None:
-    child(notifications_finished, channel, state).inc()
-    if lateness_seconds is not None:
-        child(delivery_lateness, channel).observe(max(0.0, lateness_seconds))
