@@ -759,7 +759,7 @@ def serve_bare_api(port: int) -> None:
     """The yardstick for the API: FastAPI with one GET and one POST endpoint that touch no database and
     answer what the real ones answer (a page of 50 subscriptions; the created subscription, from a
     pydantic-validated body), served like `spacebell api` serves the real app (uvicorn's Server
-    under asyncio.run)."""
+    under asyncio.run, on uvloop)."""
     import uvicorn
     from fastapi import FastAPI
     from pydantic import BaseModel
@@ -797,6 +797,9 @@ def serve_bare_api(port: int) -> None:
         return {"status": "ok"}
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    from app.roles import use_uvloop
+
+    use_uvloop()
     asyncio.run(uvicorn.Server(config).serve())
 
 

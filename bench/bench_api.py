@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_api.py --db postgres --concurrency 32 --duration 10
 
 Processes: `spacebell api` (the real app, `python -m app.cli api`, as deployed: uvicorn's Server
-under asyncio.run), a bare FastAPI app served the same way on another port — one GET returning a
+under asyncio.run on uvloop), a bare FastAPI app served the same way on another port — one GET returning a
 page of 50 subscription-shaped items and one POST validating the same body with pydantic, no
 database, no auth, no middleware — and the load generator (aiohttp on uvloop, N connections kept
 busy, its own process). Each measurement: 1 s of warm-up, then `--duration` seconds counted.

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.accounts.service import authenticate
 from app.core.context import AppContext
-from app.core.deps import SessionDep, get_ctx
+from app.core.deps import get_ctx
 from app.core.problems import ProblemError, reject_unstorable_text
 
 
@@ -34,29 +37,83 @@ class KeyRateLimiter:
         return (1 - tokens) / self.rate
 
 
+class VerifiedKeyCache:
+    """Keys this process checked against the database lately: (key id, account id) by token digest.
+
+    A request with a cached key costs no database round trip. The price is that a key revoked by
+    another process (the CLI, another API replica) keeps working here for up to `ttl`; a key
+    revoked through this process is dropped at once (`forget_account`). Only keys that passed are
+    kept, so unknown keys cannot fill it; it holds at most `max_entries`, least recently used out.
+    """
+
+    def __init__(self, ttl: timedelta, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, tuple[str, str, datetime]] = OrderedDict()
+
+    @staticmethod
+    def digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, digest: bytes, now: datetime) -> tuple[str, str] | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now >= entry[2]:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry[0], entry[1]
+
+    def put(self, digest: bytes, key_id: str, account_id: str, now: datetime) -> None:
+        if self.ttl <= timedelta(0):
+            return
+        self._entries[digest] = (key_id, account_id, now + self.ttl)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 def _unauthorized(detail: str) -> ProblemError:
     return ProblemError(401, "Unauthorized", detail, slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def current_account_id(request: Request, session: SessionDep) -> str:
+async def current_account_id(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise _unauthorized("send the API key as `Authorization: Bearer <api key>`")
-    key = await authenticate(session, token.strip())
-    if key is None:
-        raise _unauthorized("the API key is unknown or revoked")
     ctx: AppContext = get_ctx(request)
-    limiter: KeyRateLimiter = ctx.components.setdefault(
-        "key_rate_limiter", KeyRateLimiter(ctx.settings.api_rate_limit_per_minute)
-    )
-    wait = limiter.check(key.id)
+    cache: VerifiedKeyCache | None = ctx.components.get("verified_key_cache")
+    if cache is None:
+        cache = ctx.components["verified_key_cache"] = VerifiedKeyCache(
+            timedelta(seconds=ctx.settings.api_key_cache_seconds)
+        )
+    now = ctx.clock.now()
+    digest = cache.digest(token)
+    if (hit := cache.get(digest, now)) is not None:
+        key_id, account_id = hit
+    else:
+        async with ctx.db.session() as session:
+            key = await authenticate(session, token)
+        if key is None:
+            raise _unauthorized("the API key is unknown or revoked")
+        key_id, account_id = key.id, key.account_id
+        cache.put(digest, key_id, account_id, now)
+    limiter: KeyRateLimiter | None = ctx.components.get("key_rate_limiter")
+    if limiter is None:
+        limiter = ctx.components["key_rate_limiter"] = KeyRateLimiter(ctx.settings.api_rate_limit_per_minute)
+    wait = limiter.check(key_id)
     if wait > 0:
         raise ProblemError(
             429, "Too many requests", f"this API key is limited to {ctx.settings.api_rate_limit_per_minute} "
             "requests a minute", slug="rate-limited", headers={"Retry-After": str(math.ceil(wait))},
         )
-    return key.account_id
+    return account_id
 
 
 AccountId = Annotated[str, Depends(current_account_id)]

@@ -16,9 +16,10 @@ def get_ctx(request: Request) -> AppContext:
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One transaction per request; writes (non-GET) start as write transactions, committed on success."""
+    """One session per request. GET and HEAD only read, outside a transaction (no BEGIN/COMMIT round
+    trips); anything else runs in one write transaction, committed on success."""
     ctx: AppContext = request.app.state.ctx
-    opener = ctx.db.session if request.method in ("GET", "HEAD") else ctx.db.write
+    opener = ctx.db.read if request.method in ("GET", "HEAD") else ctx.db.write
     async with opener() as session:
         yield session
 

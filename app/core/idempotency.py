@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Header, Request, Response
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +16,7 @@ from app.accounts.auth import AccountId
 from app.core.deps import CtxDep, SessionDep
 from app.core.models import IdempotencyRecord
 from app.core.problems import ProblemError
+from app.core.responses import json_bytes
 
 
 @dataclass
@@ -30,7 +28,7 @@ class Idempotency:
     request_hash: str
     now: datetime
 
-    async def replay(self) -> JSONResponse | None:
+    async def replay(self) -> Response | None:
         """The stored response for this key, or None when the request is new."""
         if self.key is None:
             return None
@@ -42,19 +40,20 @@ class Idempotency:
                 422, "Idempotency key reused", "this Idempotency-Key was used with a different request",
                 slug="idempotency-key-reused", field="header.Idempotency-Key",
             )
-        return JSONResponse(
-            json.loads(record.response_body), status_code=record.status_code, headers={"Idempotent-Replayed": "true"}
+        return Response(
+            record.response_body, status_code=record.status_code, headers={"Idempotent-Replayed": "true"},
+            media_type="application/json",
         )
 
-    async def respond(self, status_code: int, body: Any) -> JSONResponse:
+    async def respond(self, status_code: int, body: Any) -> Response:
         """Build the response and, in the same transaction as the change, remember it under the key."""
-        content = jsonable_encoder(body)
+        content = json_bytes(body)
         if self.key is not None:
             self.session.add(
                 IdempotencyRecord(
                     account_id=self.account_id, key=self.key, method_path=self.method_path,
                     request_hash=self.request_hash, status_code=status_code,
-                    response_body=json.dumps(content).encode(), created_at=self.now,
+                    response_body=content, created_at=self.now,
                 )
             )
             try:
@@ -65,7 +64,7 @@ class Idempotency:
                     409, "Request in progress", "another request with this Idempotency-Key is being processed",
                     slug="idempotency-key-in-use", field="header.Idempotency-Key",
                 ) from None
-        return JSONResponse(content, status_code=status_code)
+        return Response(content, status_code=status_code, media_type="application/json")
 
 
 async def get_idempotency(

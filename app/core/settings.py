@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_subscriptions_per_account: int = Field(10000, ge=1, description="Subscriptions one account may hold.")
     max_webhook_endpoints_per_account: int = Field(100, ge=1, description="Webhook endpoints one account may hold.")
     api_rate_limit_per_minute: int = Field(600, ge=1, description="Requests per API key per minute before 429.")
+    api_key_cache_seconds: float = Field(
+        10.0, ge=0, le=3600,
+        description="How long a process trusts an API key it has checked; a key revoked elsewhere stops working "
+        "after at most this long (0 = check the database on every request).",
+    )
 
     x_api_base_url: str = Field("https://api.x.com", description="Base URL of X's API (or of the simulator).")
     x_bearer_token: str | None = Field(None, description="App-only bearer token for X's API.")

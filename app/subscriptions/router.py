@@ -10,6 +10,7 @@ from app.core.deps import CtxDep, SessionDep
 from app.core.idempotency import IdempotencyDep
 from app.core.pagination import Page, PageDep, page_of
 from app.core.problems import PROBLEM_RESPONSES
+from app.core.responses import json_response
 from app.core.secrets import link_signing_key
 from app.delivery.consent import request_confirmation
 from app.delivery.models import EmailRecipient
@@ -56,15 +57,14 @@ async def list_subscriptions(
     paused: bool | None = None,
 ) -> Any:
     filters = service.SubscriptionFilter(target_kind, creator_id, creator_username, keyword, webhook_endpoint_id, paused)
-    subs = await service.list_subscriptions(session, account_id, filters, page)
-    recipients = await service.recipients_by_id(session, subs)
-    return page_of(subs, page, lambda s: service.to_out(s, recipients))
+    documents = await service.list_subscriptions(session, account_id, filters, page)
+    return json_response(page_of(documents, page, lambda d: d, id_of=lambda d: d["id"]))
 
 
 @router.get("/{subscription_id}", response_model=SubscriptionOut)
 async def get_subscription(subscription_id: str, session: SessionDep, account_id: AccountId) -> Any:
     sub = await service.get_subscription(session, account_id, subscription_id)
-    return service.to_out(sub, await service.recipients_by_id(session, [sub]))
+    return json_response(service.to_out(sub, await service.recipients_by_id(session, [sub])))
 
 
 @router.patch("/{subscription_id}", response_model=SubscriptionOut)
@@ -77,7 +77,7 @@ async def update_subscription(
     await session.flush()
     await outbox_for(ctx).plan_subscription(session, sub, now)
     wake_dispatcher_after_commit(session, ctx)
-    return service.to_out(sub, await service.recipients_by_id(session, [sub]))
+    return json_response(service.to_out(sub, await service.recipients_by_id(session, [sub])))
 
 
 @router.delete("/{subscription_id}", status_code=204)

@@ -240,3 +240,34 @@ async def test_idempotency_records_are_forgotten_after_a_day(client: httpx.Async
         assert await purge_old_records(session, ctx.clock.now() + timedelta(hours=25)) == 1
     again = await client.post("/v1/subscriptions", json=body, headers={"Idempotency-Key": "day"})
     assert again.status_code == 201 and again.json()["id"] != first.json()["id"]
+
+
+async def test_every_subscription_document_is_exactly_what_its_schema_says(client: httpx.AsyncClient) -> None:
+    """The routes build documents by hand (cheaper than models); each must equal what SubscriptionOut makes of it."""
+    from app.core.pagination import Page
+    from app.subscriptions.schemas import SubscriptionOut
+
+    endpoint = await make_endpoint(client)
+    bodies = [
+        {"keyword": "Rust", "webhook_endpoint_id": endpoint["id"], "lead_times": [5]},
+        {"creator_id": "2244994945", "include_hosts": True, "webhook_endpoint_id": endpoint["id"]},
+        {"creator_username": "@nobody_known", "email": "ada@example.com", "lead_times": [60, 1440]},
+    ]
+    documents = []
+    for body in bodies:
+        r = await client.post("/v1/subscriptions", json=body)
+        assert r.status_code == 201, r.text
+        documents.append(r.json())
+    patched = await client.patch(f"/v1/subscriptions/{documents[0]['id']}", json={"paused": True})
+    assert patched.status_code == 200 and patched.json()["paused"] is True
+    documents[0] = patched.json()
+    for document in documents:
+        assert SubscriptionOut.model_validate(document).model_dump(mode="json") == document
+        assert (await client.get(f"/v1/subscriptions/{document['id']}")).json() == document
+        assert document["created_at"].endswith("Z")
+    listed = (await client.get("/v1/subscriptions", params={"limit": 2})).json()
+    assert Page[SubscriptionOut].model_validate(listed).model_dump(mode="json") == listed
+    rest = (await client.get("/v1/subscriptions", params={"cursor": listed["next_cursor"]})).json()
+    assert listed["data"] + rest["data"] == documents
+    email = documents[2]["delivery"]
+    assert email == {"channel": "email", "webhook_endpoint_id": None, "email": "ada@example.com", "email_confirmed": False}
