@@ -13,7 +13,6 @@ from fastapi import Depends, Request
 
 from app.accounts.service import authenticate
 from app.core.context import AppContext
-from app.core.deps import get_ctx
 from app.core.problems import ProblemError, reject_unstorable_text
 
 
@@ -87,7 +86,7 @@ async def current_account_id(request: Request) -> str:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("send the API key as `Authorization: Bearer <api key>`")
-    ctx: AppContext = get_ctx(request)
+    ctx: AppContext = request.app.state.ctx
     cache: VerifiedKeyCache | None = ctx.components.get("verified_key_cache")
     if cache is None:
         cache = ctx.components["verified_key_cache"] = VerifiedKeyCache(

@@ -11,7 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.context import AppContext
 
 
-def get_ctx(request: Request) -> AppContext:
+# Dependencies are `async def` even when they do not await: FastAPI runs a plain `def` dependency in
+# its thread pool, a thread hop per request.
+async def get_ctx(request: Request) -> AppContext:
     return request.app.state.ctx
 
 

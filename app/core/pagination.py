@@ -38,7 +38,7 @@ def encode_cursor(last_id: str) -> str:
     return base64.urlsafe_b64encode(f"c1:{last_id}".encode()).decode().rstrip("=")
 
 
-def page_params(
+async def page_params(  # async: a plain `def` dependency would run in FastAPI's thread pool
     limit: Annotated[int, Query(ge=1, le=100, description="Items per page.")] = 50,
     cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
 ) -> PageParams:
