@@ -755,11 +755,15 @@ class Workers:
 # HTTP API: a bare FastAPI server, and a load generator (each its own process)
 
 
-def serve_bare_api(port: int) -> None:
+def serve_bare_api(port: int, database_url: str | None = None) -> None:
     """The yardstick for the API: FastAPI with one GET and one POST endpoint that touch no database and
     answer what the real ones answer (a page of 50 subscriptions; the created subscription, from a
     pydantic-validated body), served like `spacebell api` serves the real app (uvicorn's Server
-    under asyncio.run, on uvloop)."""
+    under asyncio.run, on uvloop).
+
+    With `database_url`, also `GET /bare-db`: the same page after one `SELECT 1` through SQLAlchemy's
+    async engine (a pooled connection, as any database-backed route needs at least once) — what
+    one database round trip costs a FastAPI route, measured beside the real API."""
     import uvicorn
     from fastapi import FastAPI
     from pydantic import BaseModel
@@ -791,6 +795,18 @@ def serve_bare_api(port: int) -> None:
     @app.post("/bare", status_code=201)
     async def bare_create(body: Body) -> dict[str, Any]:
         return item(0, body)
+
+    if database_url is not None:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(database_url)
+
+        @app.get("/bare-db")
+        async def bare_db() -> dict[str, Any]:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            return page
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -919,6 +935,7 @@ def main() -> None:
     cli.add_argument("--cpu", type=int)
     api = sub.add_parser("bare-api")
     api.add_argument("--port", type=int, required=True)
+    api.add_argument("--database-url")
     load = sub.add_parser("load")
     load.add_argument("--url", required=True)
     load.add_argument("--method", default="GET")
@@ -933,7 +950,7 @@ def main() -> None:
     elif args.command == "client":
         run_client(args.url, args.count, args.in_flight, args.mode, args.cpu, args.loop)
     elif args.command == "bare-api":
-        serve_bare_api(args.port)
+        serve_bare_api(args.port, args.database_url)
     else:
         run_load(args.url, args.method, args.body, args.header, args.concurrency, args.duration, args.warmup)
 

@@ -10,7 +10,8 @@ page of 50 subscription-shaped items and one POST validating the same body with 
 database, no auth, no middleware — and the load generator (aiohttp on uvloop, N connections kept
 busy, its own process). Each measurement: 1 s of warm-up, then `--duration` seconds counted.
 
-  list:   GET /v1/subscriptions?limit=50 (an account with 200 subscriptions) vs GET /bare
+  list:   GET /v1/subscriptions?limit=50 (an account with 200 subscriptions) vs GET /bare; and, for
+          scale, GET /bare-db: the bare page after one `SELECT 1` through SQLAlchemy's async engine
   create: POST /v1/subscriptions {creator_id, webhook_endpoint_id, lead_times} vs POST /bare (same
           body, validated by pydantic); every create inserts a subscription (and matches it against
           stored Spaces) — the account grows by thousands during the run.
@@ -137,7 +138,8 @@ async def run(args: argparse.Namespace) -> None:
             env = settings_env(db, api_rate_limit_per_minute=1_000_000_000, max_subscriptions_per_account=100_000_000)
             env["SPACEBELL_LOG_LEVEL"] = "WARNING"
             api = Server([PYTHON, "-m", "app.cli", "api", "--host", "127.0.0.1", "--port", "{port}"], env)
-            bare = Server([PYTHON, str(Path(__file__).parent / "_support.py"), "bare-api", "--port", "{port}"])
+            bare = Server([PYTHON, str(Path(__file__).parent / "_support.py"), "bare-api", "--port", "{port}",
+                           "--database-url", db.url])
             try:
                 await api.start()
                 await bare.start()
@@ -153,6 +155,10 @@ async def run(args: argparse.Namespace) -> None:
                 api_list = await load_run(api.base + "/v1/subscriptions?limit=50", headers=[auth],
                                           watch=await watched(api), **common)
                 print(line("list", api_list, bare_get), flush=True)
+                bare_db = await load_run(bare.base + "/bare-db", watch=await watched(bare), **common)
+                print(f"  (bare + one SELECT 1 through SQLAlchemy: {bare_db['rate']:,.0f} req/s, p99 "
+                      f"{bare_db['p99_ms']:.1f} ms, {bare_db['rate'] / bare_get['rate']:.2f} of bare; the API list is "
+                      f"{api_list['rate'] / bare_db['rate']:.2f} of it)", flush=True)
                 bare_post = await load_run(bare.base + "/bare", method="POST", body=body, watch=await watched(bare),
                                            **common)
                 api_create = await load_run(api.base + "/v1/subscriptions", method="POST", body=body,
