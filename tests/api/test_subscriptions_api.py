@@ -271,3 +271,48 @@ async def test_every_subscription_document_is_exactly_what_its_schema_says(clien
     assert listed["data"] + rest["data"] == documents
     email = documents[2]["delivery"]
     assert email == {"channel": "email", "webhook_endpoint_id": None, "email": "ada@example.com", "email_confirmed": False}
+
+
+async def test_list_filters_each_alone_and_combined(client: httpx.AsyncClient) -> None:
+    one = await make_endpoint(client)
+    two = await make_endpoint(client, "http://127.0.0.1:9/other")
+
+    async def create(body: dict) -> str:
+        r = await client.post("/v1/subscriptions", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    rust = await create({"keyword": "Rust Lang", "webhook_endpoint_id": one["id"]})
+    python = await create({"keyword": "python", "webhook_endpoint_id": two["id"]})
+    by_id = await create({"creator_id": "2244994945", "webhook_endpoint_id": one["id"]})
+    by_name = await create({"creator_username": "@Some_Host", "webhook_endpoint_id": two["id"]})
+    paused = await create({"creator_id": "2244994945", "webhook_endpoint_id": two["id"]})
+    assert (await client.patch(f"/v1/subscriptions/{paused}", json={"paused": True})).status_code == 200
+
+    async def ids(**params: object) -> list[str]:
+        r = await client.get("/v1/subscriptions", params=params)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["data"]]
+
+    assert await ids() == sorted([rust, python, by_id, by_name, paused])
+    assert await ids(target_kind="keyword") == sorted([rust, python])
+    assert await ids(target_kind="creator") == sorted([by_id, by_name, paused])
+    assert await ids(creator_id="2244994945") == sorted([by_id, paused])
+    assert await ids(creator_username="some_HOST") == [by_name]
+    assert await ids(creator_username="@Some_Host") == [by_name]
+    assert await ids(keyword="  RUST   lang ") == [rust]
+    assert await ids(webhook_endpoint_id=one["id"]) == sorted([rust, by_id])
+    assert await ids(paused="true") == [paused]
+    assert await ids(paused="false") == sorted([rust, python, by_id, by_name])
+    assert await ids(creator_id="2244994945", paused="false") == [by_id]
+    assert await ids(webhook_endpoint_id=two["id"], target_kind="creator", paused="false") == [by_name]
+    assert await ids(keyword="go") == []
+    # A filtered walk, one item per page, visits each match once, in order.
+    seen, cursor = [], None
+    while True:
+        params = {"webhook_endpoint_id": two["id"], "limit": 1} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get("/v1/subscriptions", params=params)).json()
+        seen += [d["id"] for d in page["data"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert seen == sorted([python, by_name, paused])
