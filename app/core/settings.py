@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Claim rows this early and fire them on in-process timers."
     )
     dispatcher_idle_seconds: float = Field(5.0, gt=0, description="Longest sleep when nothing is due.")
+    dispatcher_listen: bool = Field(
+        True,
+        description="PostgreSQL: whoever makes outbox rows due sends a NOTIFY and workers LISTEN, so a worker in "
+        "another process starts at once (false: at its next poll, within dispatcher_idle_seconds).",
+    )
     webhook_timeout_seconds: float = Field(15.0, gt=0, description="Timeout of one webhook request.")
     webhook_disable_after_hours: float = Field(
         120.0, gt=0, description="Disable an endpoint that has failed without success for this long."

@@ -36,3 +36,7 @@ endpoints_disabled = Counter(
     "Webhook endpoints the dispatcher disabled (410 Gone, or failing too long).",
 )
 claimed = Counter("spacebell_dispatch_claimed_total", "Outbox rows claimed under a lease.")
+notify_wakeups = Counter(
+    "spacebell_dispatch_notify_wakeups_total",
+    "Outbox notifications (PostgreSQL LISTEN/NOTIFY) that woke this worker's dispatcher.",
+)

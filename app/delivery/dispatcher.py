@@ -42,6 +42,7 @@ from app.delivery.outbox import (
     webhook_body,
     webhook_body_head,
 )
+from app.delivery.wake import OutboxListener, asyncpg_dsn, notify
 from app.delivery.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class Dispatcher:
         self._next_fan_out: datetime | None = None
         self._next_housekeeping: datetime | None = None
         self._flushing = 0  # result batches being written
+        self._listen = settings.dispatcher_listen and not ctx.db.is_sqlite
+        self.listener: OutboxListener | None = None
         self.last_cycle_at: datetime | None = None
         self.last_error: str | None = None
 
@@ -187,11 +190,18 @@ class Dispatcher:
             asyncio.create_task(self._timer_loop(), name="dispatcher-timer"),
             asyncio.create_task(self._flush_loop(), name="dispatcher-flush"),
         ]
+        if self._listen:
+            # A NOTIFY only says "look now": the sender has fanned out its events or had none.
+            self.listener = OutboxListener(asyncpg_dsn(self.ctx.db.url), self._wake.set)
+            self.listener.start()
 
     async def stop(self) -> None:
         """Stop claiming; hand back rows not yet fired; let sends in flight finish; record; close."""
         self._stopping = True
         self._wake.set()
+        if self.listener is not None:
+            await self.listener.stop()
+            self.listener = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -204,6 +214,7 @@ class Dispatcher:
             try:
                 async with self._write() as session:
                     await self.outbox.release(session, unfired, self.clock.now())
+                    await notify(session, self.ctx)  # they are due within the lookahead: let other workers take them
             except Exception:
                 log.exception("handing back %d claimed rows failed; their leases will expire", len(unfired))
         try:
@@ -235,6 +246,7 @@ class Dispatcher:
             "owner": self.owner,
             "in_hand": len(self._in_hand),
             "last_cycle_at": self.last_cycle_at.isoformat() if self.last_cycle_at else None,
+            **({"listening": self.listener.connected.is_set()} if self.listener is not None else {}),
             **({"last_error": self.last_error} if self.last_error else {}),
         }
 
@@ -300,6 +312,8 @@ class Dispatcher:
         while True:
             async with self._write() as session:
                 count = await self.outbox.fan_out_events(session, now)
+                if count:
+                    await notify(session, self.ctx)  # worker processes elsewhere share the new rows
             total += count
             if count < 200:
                 return total
@@ -709,7 +723,8 @@ async def _signed_unsubscribe_urls(ctx: AppContext) -> UnsubscribeUrl:
 
 
 def fan_out_hook(ctx: AppContext) -> Callable[[datetime], Any]:
-    """For discovery's `after_cycle`: fan out the cycle's events at once, then poke a local dispatcher."""
+    """For discovery's `after_cycle`: fan out the cycle's events at once, then poke a local dispatcher (or,
+    on PostgreSQL, those of worker processes)."""
 
     async def after_cycle(now: datetime) -> None:
         dispatcher = ctx.components.get("dispatcher")
@@ -720,7 +735,10 @@ def fan_out_hook(ctx: AppContext) -> Callable[[datetime], Any]:
         outbox = outbox_for(ctx)
         while True:
             async with ctx.db.write() as session:
-                if await outbox.fan_out_events(session, now) < 200:
-                    return
+                count = await outbox.fan_out_events(session, now)
+                if count:
+                    await notify(session, ctx)  # workers elsewhere: sent with this commit
+            if count < 200:
+                return
 
     return after_cycle

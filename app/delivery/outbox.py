@@ -1206,7 +1206,11 @@ def outbox_for(ctx: Any) -> ReminderOutbox:
 
 
 def wake_dispatcher_after_commit(session: AsyncSession, ctx: Any) -> None:
-    """Poke this process's dispatcher once the session commits, so new rows are visible when it looks."""
+    """Poke this process's dispatcher once the session commits, so new rows are visible when it looks;
+    on PostgreSQL also the workers of other processes, by a NOTIFY sent with the commit."""
+    from app.delivery.wake import notify_on_commit
+
+    notify_on_commit(session, ctx)
     dispatcher = ctx.components.get("dispatcher")
     if dispatcher is None:
         return
