@@ -107,21 +107,27 @@ async def seed(db: Any, receiver: Receiver, subscribers: int, endpoints: int, st
         await ctx.db.dispose()
 
 
-async def fan_out(db: Any) -> float:
+async def fan_out(db: Any) -> tuple[float, dict[str, float]]:
+    """Seconds from the start of the fan-out's transaction to its commit, and the CPU it used."""
+    from sqlalchemy import text
+
     from app.delivery.outbox import ReminderOutbox
 
     ctx = make_context(db)
     outbox = ReminderOutbox.from_settings(ctx.settings)
     try:
-        async with ctx.db.session():  # open the pool's connection before the clock starts
-            pass
+        async with ctx.db.session() as session:  # open the pool's connection before the clock starts
+            backend = [await session.scalar(text("SELECT pg_backend_pid()"))] if db.kind == "postgres" else []
+        meter = CpuMeter({"bench": [os.getpid()], "database": backend})
+        meter.begin()
         started = time.perf_counter()
         async with ctx.db.write() as session:
             await outbox.fan_out_events(session, datetime.now(UTC))
         elapsed = time.perf_counter() - started
+        used = meter.end()
     finally:
         await ctx.db.dispose()
-    return elapsed
+    return elapsed, used
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -134,12 +140,15 @@ async def run(args: argparse.Namespace) -> None:
                 due = start - timedelta(minutes=LEAD_MINUTES)
                 await seed(db, receiver, args.subscribers, args.endpoints, start)
                 await db.analyze()
-                elapsed = await fan_out(db)
+                elapsed, used = await fan_out(db)
                 rows = await count_state(db, "pending")
                 verdict = "met" if elapsed <= 5.0 else "NOT met"
                 print(f"\n{kind}: fan-out of 1 event to {args.subscribers:,} subscribers ({args.endpoints:,} endpoints): "
                       f"{rows:,} reminder rows in {elapsed:.2f} s ({rows / elapsed:,.0f} rows/s; target <= 5 s: "
                       f"{verdict})", flush=True)
+                print(f"  fan-out CPU: bench {used['bench']:.2f} s"
+                      + (f", PostgreSQL {used['database']:.2f} s" if kind == "postgres" else "")
+                      + f"; others busy {used['others'] / used['wall']:.2f} cores", flush=True)
                 if rows != args.subscribers:
                     print(f"  WARNING: expected {args.subscribers:,} rows, found {rows:,}")
                 if args.no_delivery:

@@ -14,13 +14,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, case, event, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.clock import utc
-from app.core.ids import new_id
+from app.core.ids import new_ids
 from app.core.models import UTCDateTime
 from app.core.settings import Settings
 from app.delivery.models import (
@@ -34,10 +34,13 @@ from app.delivery.webhooks import format_utc
 from app.spaces.models import Creator, Space, SpaceEvent, SpaceEventKind, SpaceState
 from app.subscriptions.matching import (
     KeywordIndexCache,
-    subscriptions_for_spaces,
+    SubscriptionRow,
+    subscription_rows_for_spaces,
     upcoming_spaces_for_subscription,
 )
 from app.subscriptions.models import Subscription
+
+_Sub = Subscription | SubscriptionRow  # an entity (one subscription planned) or a row (fan-out)
 
 # Core tables, not ORM entities: bulk statements need no session synchronization.
 T = Notification.__table__
@@ -51,7 +54,6 @@ EMAIL_KINDS = frozenset({K.reminder, K.scheduled, K.rescheduled, K.canceled, K.s
 SPACE_URL = "https://x.com/i/spaces/{}"
 _CHUNK = 1000
 ANALYZE_AFTER_ROWS = 10_000  # a fan-out inserting this many rows refreshes the planner's statistics (PostgreSQL)
-_UNKNOWN: Any = object()
 
 
 class Reason:
@@ -216,11 +218,28 @@ class _Targets:
     recipients: dict[str, tuple[datetime | None, datetime | None]]  # confirmed_at, unsubscribed_at
 
 
+class _Batch(NamedTuple):
+    """What the new rows of a batch share; each subscription of the batch adds one row, with its own id,
+    account, channel and webhook endpoint or email recipient."""
+
+    space_id: str
+    kind: str
+    lead: int
+    revision: int
+    due: datetime
+    expires: datetime | None
+    hold: datetime | None  # unconfirmed email address: held until then; else pending, due at `due`
+    payload: str  # JSON text ("null": none)
+
+
 @dataclass
 class _Plan:
-    inserts: list[dict[str, Any]] = field(default_factory=list)
+    inserts: dict[_Batch, list[_Sub]] = field(default_factory=lambda: defaultdict(list))
     moves: dict[tuple[Any, ...], list[str]] = field(default_factory=lambda: defaultdict(list))
     cancels: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def insert_count(self) -> int:
+        return sum(len(subs) for subs in self.inserts.values())
 
 
 def _next_attempt(row: ClaimedRow) -> datetime:
@@ -293,7 +312,7 @@ class ReminderOutbox:
         space_ids = sorted({e.space_id for e in events})
         spaces = {s.id: s for s in await session.scalars(select(Space).where(Space.id.in_(space_ids)))}
         index = await self._keywords.get(session)
-        matched = await subscriptions_for_spaces(session, list(spaces.values()), index)
+        matched = await subscription_rows_for_spaces(session, list(spaces.values()), index)
         subs = {s.id: s for group in matched.values() for s in group}
         targets = await self._targets(session, subs.values())
 
@@ -318,7 +337,7 @@ class ReminderOutbox:
         session: AsyncSession,
         ev: SpaceEvent,
         space: Space,
-        subs: list[Subscription],
+        subs: list[SubscriptionRow],
         targets: _Targets,
         now: datetime,
     ) -> int:
@@ -332,6 +351,7 @@ class ReminderOutbox:
                 payload = None
                 if kind == SpaceEventKind.rescheduled and ev.previous_scheduled_start is not None:
                     payload = {"previous_scheduled_start": utc(ev.previous_scheduled_start).isoformat()}
+                notice = self._notice(space, kind, ev.revision, now, payload)
                 for sub in subs:
                     # Whoever already got a reminder for the old time hears about the new one.
                     owed = (
@@ -340,17 +360,18 @@ class ReminderOutbox:
                         and self._wants(sub, kind, targets, ignore_subscription_types=True)
                     )
                     if owed or self._wants(sub, kind, targets):
-                        plan.inserts.append(self._notice(sub, space, kind, ev.revision, now, targets, payload))
+                        plan.inserts[self._held(notice, sub, targets, now)].append(sub)
         else:
             if kind == SpaceEventKind.canceled:
                 await self._close_space_reminders(session, space.id, S.canceled, Reason.space_canceled, now)
             elif kind in (SpaceEventKind.started, SpaceEventKind.ended):
                 await self._close_space_reminders(session, space.id, S.expired, Reason.space_started, now)
+            notice = self._notice(space, kind, ev.revision, now, None)
             for sub in subs:
                 if self._wants(sub, kind, targets):
-                    plan.inserts.append(self._notice(sub, space, kind, ev.revision, now, targets, None))
+                    plan.inserts[self._held(notice, sub, targets, now)].append(sub)
         await self._execute(session, plan, now)
-        return len(plan.inserts)
+        return plan.insert_count()
 
     async def _close_space_reminders(
         self, session: AsyncSession, space_id: str, state: str, reason: str, now: datetime
@@ -526,7 +547,7 @@ class ReminderOutbox:
     # ------------------------------------------------------------------------------------------
     # Planning helpers
 
-    async def _targets(self, session: AsyncSession, subs: Iterable[Subscription]) -> _Targets:
+    async def _targets(self, session: AsyncSession, subs: Iterable[_Sub]) -> _Targets:
         subs = list(subs)
         endpoint_ids = sorted({s.webhook_endpoint_id for s in subs if s.webhook_endpoint_id})
         recipient_ids = sorted({s.email_recipient_id for s in subs if s.email_recipient_id})
@@ -547,7 +568,7 @@ class ReminderOutbox:
         return _Targets(endpoint_types, recipients)
 
     @staticmethod
-    def _wants(sub: Subscription, kind: str, targets: _Targets, *, ignore_subscription_types: bool = False) -> bool:
+    def _wants(sub: _Sub, kind: str, targets: _Targets, *, ignore_subscription_types: bool = False) -> bool:
         if sub.paused or (not ignore_subscription_types and kind not in (sub.event_types or ())):
             return False
         if sub.webhook_endpoint_id:
@@ -557,7 +578,7 @@ class ReminderOutbox:
             return recipient is not None and recipient[1] is None and kind in EMAIL_KINDS
         return False
 
-    def _hold(self, sub: Subscription, targets: _Targets, now: datetime) -> datetime | None:
+    def _hold(self, sub: _Sub, targets: _Targets, now: datetime) -> datetime | None:
         """The hold deadline when this subscription's mail must wait for a confirmation, else None."""
         if sub.email_recipient_id:
             recipient = targets.recipients.get(sub.email_recipient_id)
@@ -565,60 +586,18 @@ class ReminderOutbox:
                 return now + self.confirmation_deadline
         return None
 
-    def _row(
-        self,
-        sub: Subscription,
-        space_id: str,
-        kind: str,
-        lead: int,
-        revision: int,
-        due: datetime,
-        expires: datetime | None,
-        now: datetime,
-        targets: _Targets,
-        payload: dict[str, Any] | None,
-        *,
-        hold: datetime | None = _UNKNOWN,
-    ) -> dict[str, Any]:
-        if hold is _UNKNOWN:  # not worked out by the caller
-            hold = self._hold(sub, targets, now)
-        return {
-            "id": new_id("ntf"),
-            "account_id": sub.account_id,
-            "subscription_id": sub.id,
-            "space_id": space_id,
-            "kind": kind,
-            "lead_time_minutes": lead,
-            "space_revision": revision,
-            "channel": "webhook" if sub.webhook_endpoint_id else "email",
-            "webhook_endpoint_id": sub.webhook_endpoint_id,
-            "email_recipient_id": sub.email_recipient_id,
-            "payload": payload,
-            "state": S.held if hold else S.pending,
-            "state_reason": Reason.unconfirmed if hold else None,
-            "due_at": due,
-            "next_attempt_at": hold or due,
-            "expires_at": expires,
-            "attempts": 0,
-            "late": False,
-            "created_at": now,
-            "updated_at": now,
-        }
+    def _held(self, batch: _Batch, sub: _Sub, targets: _Targets, now: datetime) -> _Batch:
+        """`batch`, or a held copy of it when the subscription's mail must wait for a confirmation."""
+        hold = self._hold(sub, targets, now)
+        return batch if hold is None else batch._replace(hold=hold)
 
     def _notice(
-        self,
-        sub: Subscription,
-        space: Space,
-        kind: str,
-        revision: int,
-        now: datetime,
-        targets: _Targets,
-        payload: dict[str, Any] | None,
-    ) -> dict[str, Any]:
+        self, space: Space, kind: str, revision: int, now: datetime, payload: dict[str, Any] | None
+    ) -> _Batch:
         expires = now + self.notice_ttl
         if kind in (K.scheduled, K.rescheduled) and space.scheduled_start is not None and space.scheduled_start > now:
             expires = space.scheduled_start
-        return self._row(sub, space.id, kind, 0, revision, now, expires, now, targets, payload)
+        return _Batch(space.id, kind, 0, revision, now, expires, None, json.dumps(payload))
 
     async def _existing_reminders(
         self, session: AsyncSession, *, space_ids: Sequence[str] = (), subscription_id: str | None = None
@@ -640,7 +619,7 @@ class ReminderOutbox:
         self,
         plan: _Plan,
         space: Space,
-        subs: Sequence[Subscription],
+        subs: Sequence[_Sub],
         existing: dict[tuple[str, str], list[_Existing]],
         targets: _Targets,
         now: datetime,
@@ -654,7 +633,8 @@ class ReminderOutbox:
         delivered: set[str] = set()
         start = space.scheduled_start
         upcoming = space.state == SpaceState.scheduled and start is not None and start > now
-        due_for: dict[int, datetime] = {}  # lead time -> due time, for this Space's start
+        # (lead times, hold) -> the subscription lists of the batches a subscription without rows joins
+        new_rows: dict[tuple[tuple[int, ...], datetime | None], list[list[_Sub]]] = {}
         for sub in subs:
             rows = existing.get((space.id, sub.id), [])
             if any(r.state == S.delivered for r in rows):
@@ -663,13 +643,21 @@ class ReminderOutbox:
                 continue
             assert start is not None
             wants = self._wants(sub, K.reminder, targets)
-            leads = set(sub.lead_times or ()) if wants else set()
             if not rows:
                 # Nothing planned yet for this subscription and Space (every row of a fan-out to a new
-                # Space): what the general case below does when there are no rows, without its books.
-                if leads:
-                    self._plan_new(plan, sub, space, leads, start, due_for, targets, now)
+                # Space): what the general case below does when there are no rows, without its books,
+                # worked out once per distinct lead times.
+                if wants and sub.lead_times:
+                    hold = self._hold(sub, targets, now)
+                    key = (tuple(sub.lead_times), hold)
+                    joins = new_rows.get(key)
+                    if joins is None:
+                        batches = self._new_reminders(space, key[0], hold, now)
+                        joins = new_rows[key] = [plan.inserts[b] for b in batches]
+                    for batch_subs in joins:
+                        batch_subs.append(sub)
                 continue
+            leads = set(sub.lead_times or ()) if wants else set()
             by_lead: dict[int, list[_Existing]] = defaultdict(list)
             for r in rows:
                 by_lead[r.lead].append(r)
@@ -706,39 +694,24 @@ class ReminderOutbox:
                         plan.cancels[Reason.moved_earlier].append(target)
                     continue
                 if target is None:
-                    plan.inserts.append(
-                        self._row(sub, space.id, K.reminder, lead, space.revision, due, start, now, targets, None)
-                    )
+                    batch = _Batch(space.id, K.reminder, lead, space.revision, due, start, hold, "null")
+                    plan.inserts[batch].append(sub)
                 else:
                     plan.moves[(space.revision, due, start, hold)].append(target)
         return delivered
 
-    def _plan_new(
-        self,
-        plan: _Plan,
-        sub: Subscription,
-        space: Space,
-        leads: set[int],
-        start: datetime,
-        due_for: dict[int, datetime],
-        targets: _Targets,
-        now: datetime,
-    ) -> None:
+    @staticmethod
+    def _new_reminders(space: Space, leads: Iterable[int], hold: datetime | None, now: datetime) -> list[_Batch]:
         """One row per lead time still ahead, and of those already passed only the nearest (late)."""
-        dues = []
-        for lead in sorted(leads, reverse=True):
-            due = due_for.get(lead)
-            if due is None:
-                due = due_for[lead] = start - timedelta(minutes=lead)
-            dues.append((lead, due))
+        start = space.scheduled_start
+        assert start is not None
+        dues = [(lead, start - timedelta(minutes=lead)) for lead in sorted(set(leads), reverse=True)]
         nearest = min((lead for lead, due in dues if due <= now), default=None)
-        hold = self._hold(sub, targets, now)
-        for lead, due in dues:
-            if due <= now and lead != nearest:
-                continue
-            plan.inserts.append(
-                self._row(sub, space.id, K.reminder, lead, space.revision, due, start, now, targets, None, hold=hold)
-            )
+        return [
+            _Batch(space.id, K.reminder, lead, space.revision, due, start, hold, "null")
+            for lead, due in dues
+            if due > now or lead == nearest
+        ]
 
     async def _execute(self, session: AsyncSession, plan: _Plan, now: datetime) -> None:
         dialect = session.get_bind().dialect.name
@@ -770,17 +743,16 @@ class ReminderOutbox:
                         lease_token=None, lease_owner=None, lease_expires_at=None, updated_at=now, **state_values,
                     )
                 )
-        if plan.inserts:
-            if dialect == "postgresql":
-                # One INSERT ... SELECT FROM unnest(arrays) per 5,000 rows: executemany would run (and
-                # plan, and log) one INSERT per row in the server.
-                for chunk in _chunks(plan.inserts, 5000):
-                    await session.execute(_PG_INSERT, _insert_arrays(chunk))
-            else:
-                # executemany of plain tuples in SQLite's own formats (what the column types would bind).
-                connection = await session.connection()
-                for chunk in _chunks(plan.inserts, 5000):
-                    await connection.exec_driver_sql(_SQLITE_INSERT, [_sqlite_insert_row(r) for r in chunk])
+        # One INSERT ... SELECT per batch and 5,000 rows: what the batch's rows share is bound once, and
+        # only what differs per row (ids, account, channel, target) travels as arrays (PostgreSQL) or
+        # JSON (SQLite), not one parameter per column and row.
+        connection = None if dialect == "postgresql" else await session.connection()
+        for batch, subs in plan.inserts.items():
+            for chunk in _chunks(subs, 5000):
+                if connection is None:
+                    await session.execute(_PG_INSERT, _insert_params(batch, chunk, now))
+                else:
+                    await connection.exec_driver_sql(_SQLITE_INSERT, _sqlite_insert_params(batch, chunk, now))
 
     # ------------------------------------------------------------------------------------------
     # Claiming and completing (the dispatcher's side)
@@ -1312,47 +1284,68 @@ WHERE id = ANY(ARRAY(
 """
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
-_INSERT_COLUMNS = (
-    ("id", "text"), ("account_id", "text"), ("subscription_id", "text"), ("space_id", "text"), ("kind", "text"),
-    ("lead_time_minutes", "int"), ("space_revision", "int"), ("channel", "text"), ("webhook_endpoint_id", "text"),
-    ("email_recipient_id", "text"), ("payload", "text"), ("state", "text"), ("state_reason", "text"),
-    ("due_at", "timestamptz"), ("next_attempt_at", "timestamptz"), ("expires_at", "timestamptz"),
-    ("attempts", "int"), ("late", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
-)
 _PG_INSERT = text(
-    f"""
-INSERT INTO notification ({", ".join(c for c, _t in _INSERT_COLUMNS)})
-SELECT {", ".join("CAST(v.payload AS json)" if c == "payload" else f"v.{c}" for c, _t in _INSERT_COLUMNS)}
-FROM unnest({", ".join(f"CAST(:{c} AS {t}[])" for c, t in _INSERT_COLUMNS)})
-    AS v({", ".join(c for c, _t in _INSERT_COLUMNS)})
+    """
+INSERT INTO notification (id, account_id, subscription_id, channel, webhook_endpoint_id, email_recipient_id,
+    space_id, kind, lead_time_minutes, space_revision, payload, state, state_reason, due_at, next_attempt_at,
+    expires_at, attempts, late, created_at, updated_at)
+SELECT v.id, v.account_id, v.subscription_id, v.channel, v.webhook_endpoint_id, v.email_recipient_id,
+    CAST(:space_id AS text), CAST(:kind AS text), CAST(:lead AS int), CAST(:revision AS int), CAST(:payload AS json),
+    CAST(:state AS text), CAST(:state_reason AS text), CAST(:due_at AS timestamptz),
+    CAST(:next_attempt_at AS timestamptz), CAST(:expires_at AS timestamptz), 0, false, CAST(:now AS timestamptz),
+    CAST(:now AS timestamptz)
+FROM unnest(CAST(:ids AS text[]), CAST(:account_ids AS text[]), CAST(:subscription_ids AS text[]),
+    CAST(:channels AS text[]), CAST(:endpoint_ids AS text[]), CAST(:recipient_ids AS text[]))
+    AS v(id, account_id, subscription_id, channel, webhook_endpoint_id, email_recipient_id)
 ON CONFLICT DO NOTHING
 """
 )
 
+# `WHERE true`: without a WHERE clause SQLite would read `ON CONFLICT` as the start of a join constraint.
+_SQLITE_INSERT = """
+INSERT INTO notification (id, account_id, subscription_id, channel, webhook_endpoint_id, email_recipient_id,
+    space_id, kind, lead_time_minutes, space_revision, payload, state, state_reason, due_at, next_attempt_at,
+    expires_at, attempts, late, created_at, updated_at)
+SELECT j.value ->> '$[0]', j.value ->> '$[1]', j.value ->> '$[2]', j.value ->> '$[3]', j.value ->> '$[4]',
+    j.value ->> '$[5]', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?
+FROM json_each(?) AS j WHERE true
+ON CONFLICT DO NOTHING
+"""
 
-_SQLITE_INSERT = (
-    f"INSERT INTO notification ({', '.join(c for c, _t in _INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _c in _INSERT_COLUMNS)}) ON CONFLICT DO NOTHING"
-)
 
-
-def _sqlite_insert_row(row: dict[str, Any]) -> tuple[Any, ...]:
-    """A row dict as SQLAlchemy's SQLite types bind it: naive UTC text datetimes, JSON text, 0/1."""
+def _row_values(subs: Sequence[_Sub]) -> tuple[list[Any], ...]:
+    """Per row of a batch: a new id, and the account, subscription, channel, webhook endpoint and email
+    recipient of its subscription."""
     return (
-        row["id"], row["account_id"], row["subscription_id"], row["space_id"], row["kind"], row["lead_time_minutes"],
-        row["space_revision"], row["channel"], row["webhook_endpoint_id"], row["email_recipient_id"],
-        json.dumps(row["payload"]), row["state"], row["state_reason"], _sqlite_dt(row["due_at"]),
-        _sqlite_dt(row["next_attempt_at"]), _sqlite_dt(row["expires_at"]), row["attempts"], 1 if row["late"] else 0,
-        _sqlite_dt(row["created_at"]), _sqlite_dt(row["updated_at"]),
+        new_ids("ntf", len(subs)),
+        [s.account_id for s in subs],
+        [s.id for s in subs],
+        ["webhook" if s.webhook_endpoint_id else "email" for s in subs],
+        [s.webhook_endpoint_id for s in subs],
+        [s.email_recipient_id for s in subs],
     )
 
 
-def _insert_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Row dicts (as `_row` builds them) as one array per column for `_PG_INSERT`. A payload is stored
-    as JSON text the way the JSON column type stores it (None as the JSON `null`)."""
-    arrays: dict[str, list[Any]] = {c: [r[c] for r in rows] for c, _t in _INSERT_COLUMNS if c != "payload"}
-    arrays["payload"] = [json.dumps(r["payload"]) for r in rows]
-    return arrays
+def _insert_params(batch: _Batch, subs: Sequence[_Sub], now: datetime) -> dict[str, Any]:
+    ids, accounts, sub_ids, channels, endpoints, recipients = _row_values(subs)
+    return {
+        "space_id": batch.space_id, "kind": batch.kind, "lead": batch.lead, "revision": batch.revision,
+        "payload": batch.payload, "state": S.held if batch.hold else S.pending,
+        "state_reason": Reason.unconfirmed if batch.hold else None, "due_at": batch.due,
+        "next_attempt_at": batch.hold or batch.due, "expires_at": batch.expires, "now": now,
+        "ids": ids, "account_ids": accounts, "subscription_ids": sub_ids, "channels": channels,
+        "endpoint_ids": endpoints, "recipient_ids": recipients,
+    }
+
+
+def _sqlite_insert_params(batch: _Batch, subs: Sequence[_Sub], now: datetime) -> tuple[Any, ...]:
+    """`_SQLITE_INSERT`'s parameters in SQLite's own formats (what the column types would bind)."""
+    rows = json.dumps(list(zip(*_row_values(subs), strict=True)))
+    return (
+        batch.space_id, batch.kind, batch.lead, batch.revision, batch.payload, S.held if batch.hold else S.pending,
+        Reason.unconfirmed if batch.hold else None, _sqlite_dt(batch.due), _sqlite_dt(batch.hold or batch.due),
+        _sqlite_dt(batch.expires), _sqlite_dt(now), _sqlite_dt(now), rows,
+    )
 
 
 _SQLITE_COMPLETE = text(

@@ -9,13 +9,15 @@ Japanese, Thai, ...) need no boundary. `substring` mode matches anywhere, as X's
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 import ahocorasick
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Text, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.spaces.models import Space, SpaceState
@@ -133,47 +135,117 @@ def creator_matches(sub: Subscription, space: Space) -> bool:
     return sub.creator_id == space.creator_id or (sub.include_hosts and sub.creator_id in (space.host_ids or []))
 
 
+@dataclass(slots=True)
+class SubscriptionRow:
+    """What fanning a Space out reads of a subscription, loaded as plain columns: ORM entities for
+    100,000 matches cost about six times as much to build (2.4 s against 0.4 s)."""
+
+    id: str
+    account_id: str
+    creator_id: str | None
+    keyword_normalized: str | None
+    include_hosts: bool
+    webhook_endpoint_id: str | None
+    email_recipient_id: str | None
+    lead_times: Sequence[int]  # tuples, shared by the rows that stored the same JSON text
+    event_types: Sequence[str]
+    paused: bool
+
+
+_ROW_COLUMNS = (
+    Subscription.id, Subscription.account_id, Subscription.creator_id, Subscription.keyword_normalized,
+    Subscription.include_hosts, Subscription.webhook_endpoint_id, Subscription.email_recipient_id,
+    # As text, decoded once per distinct value: subscribers mostly store the same few lists.
+    cast(Subscription.lead_times, Text), cast(Subscription.event_types, Text),
+    Subscription.paused,
+)
+
+_Sub = TypeVar("_Sub", Subscription, SubscriptionRow)
+_Load = Callable[[AsyncSession, Sequence[ColumnElement[bool]]], Awaitable[Iterable[_Sub]]]
+
+
+async def _load_entities(session: AsyncSession, where: Sequence[ColumnElement[bool]]) -> Iterable[Subscription]:
+    return await session.scalars(select(Subscription).where(*where))
+
+
+async def _load_rows(session: AsyncSession, where: Sequence[ColumnElement[bool]]) -> Iterable[SubscriptionRow]:
+    decoded: dict[str | None, tuple[Any, ...]] = {}
+
+    def decode(value: str | None) -> tuple[Any, ...]:
+        found = decoded.get(value)
+        if found is None:
+            items = json.loads(value) if value is not None else None
+            found = decoded[value] = tuple(items) if items else ()
+        return found
+
+    return [
+        SubscriptionRow(
+            sid, account, creator, keyword, hosts, endpoint, recipient, decode(leads), decode(types), paused
+        )
+        for sid, account, creator, keyword, hosts, endpoint, recipient, leads, types, paused in await session.execute(
+            select(*_ROW_COLUMNS).where(*where)
+        )
+    ]
+
+
 async def subscriptions_for_spaces(
     session: AsyncSession, spaces: Sequence[Space], index: KeywordIndex, *, include_paused: bool = False
 ) -> dict[str, list[Subscription]]:
     """Space id -> the live subscriptions (creator and keyword) that match it."""
-    result: dict[str, list[Subscription]] = {space.id: [] for space in spaces}
+    return await _for_spaces(session, spaces, index, include_paused, _load_entities)
+
+
+async def subscription_rows_for_spaces(
+    session: AsyncSession, spaces: Sequence[Space], index: KeywordIndex, *, include_paused: bool = False
+) -> dict[str, list[SubscriptionRow]]:
+    """`subscriptions_for_spaces` (the same matches, in the same order) as `SubscriptionRow`s."""
+    return await _for_spaces(session, spaces, index, include_paused, _load_rows)
+
+
+async def _for_spaces(
+    session: AsyncSession, spaces: Sequence[Space], index: KeywordIndex, include_paused: bool, load: _Load[_Sub]
+) -> dict[str, list[_Sub]]:
+    result: dict[str, list[_Sub]] = {space.id: [] for space in spaces}
     if not spaces:
         return result
 
     people = sorted({s.creator_id for s in spaces} | {h for s in spaces for h in (s.host_ids or [])})
-    by_creator: dict[str, list[Subscription]] = defaultdict(list)
+    by_creator: dict[str, list[_Sub]] = defaultdict(list)
     for chunk in _chunks(people):
-        stmt = select(Subscription).where(
+        where = [
             Subscription.target_kind == TargetKind.creator,
             Subscription.target_status == TargetStatus.active,
             Subscription.creator_id.in_(chunk),
-        )
+        ]
         if not include_paused:
-            stmt = stmt.where(Subscription.paused.is_(False))
-        for sub in await session.scalars(stmt):
+            where.append(Subscription.paused.is_(False))
+        for sub in await load(session, where):
             by_creator[sub.creator_id or ""].append(sub)
 
     title_keywords = {space.id: index.matches(space.title) for space in spaces}
     wanted = sorted(set().union(*title_keywords.values()))
-    by_keyword: dict[str, list[Subscription]] = defaultdict(list)
+    by_keyword: dict[str, list[_Sub]] = defaultdict(list)
     for chunk in _chunks(wanted):
-        stmt = select(Subscription).where(
-            Subscription.target_kind == TargetKind.keyword, Subscription.keyword_normalized.in_(chunk)
-        )
+        where = [Subscription.target_kind == TargetKind.keyword, Subscription.keyword_normalized.in_(chunk)]
         if not include_paused:
-            stmt = stmt.where(Subscription.paused.is_(False))
-        for sub in await session.scalars(stmt):
+            where.append(Subscription.paused.is_(False))
+        for sub in await load(session, where):
             by_keyword[sub.keyword_normalized or ""].append(sub)
 
     for space in spaces:
-        seen: set[str] = set()
         matched = result[space.id]
-        candidates = list(by_creator.get(space.creator_id, ()))
-        for host in space.host_ids or []:
-            candidates += [s for s in by_creator.get(host, ()) if s.include_hosts]
-        for keyword in title_keywords[space.id]:
-            candidates += by_keyword.get(keyword, ())
+        own = by_creator.get(space.creator_id, ())
+        hosts = [h for h in space.host_ids or [] if h != space.creator_id and h in by_creator]
+        keywords = [k for k in title_keywords[space.id] if k in by_keyword]
+        if not hosts and not keywords:
+            matched.extend(own)  # one creator's subscribers (the big fan-outs): no duplicates to drop
+            continue
+        seen: set[str] = set()
+        candidates = list(own)
+        for host in hosts:
+            candidates += [s for s in by_creator[host] if s.include_hosts]
+        for keyword in keywords:
+            candidates += by_keyword[keyword]
         for sub in candidates:
             if sub.id not in seen:
                 seen.add(sub.id)

@@ -8,6 +8,7 @@ from app.spaces.models import Space
 from app.subscriptions.matching import (
     KeywordIndex,
     KeywordIndexCache,
+    subscription_rows_for_spaces,
     subscriptions_for_spaces,
     upcoming_spaces_for_subscription,
 )
@@ -65,6 +66,46 @@ async def test_subscriptions_for_spaces_by_creator_hosts_and_keyword(ctx: AppCon
         assert [s.id for s in await upcoming_spaces_for_subscription(session, with_hosts, now)] == ["AAAAAAAAAAAAA"]
         later = now + timedelta(hours=2)
         assert await upcoming_spaces_for_subscription(session, keyword, later) == []
+
+
+async def test_subscription_rows_match_what_the_entities_match(ctx: AppContext) -> None:
+    """The fan-out loads plain rows: the same subscriptions, in the same order, with the same values."""
+    now = ctx.clock.now()
+    async with ctx.db.write() as session:
+        account = (await create_account(session, "a", now)).account_id
+
+        async def sub(**kw):  # type: ignore[no-untyped-def]
+            return await create_subscription(session, account, SubscriptionCreate(email="a@example.com", **kw), now, 100)
+
+        await sub(creator_id="111", lead_times=[60, 15])
+        await sub(creator_id="222", include_hosts=True, event_types=["space.reminder", "space.started"])
+        await sub(creator_id="333")
+        await sub(keyword="Rust")
+        (await sub(keyword="rust lang")).paused = True
+        (await sub(creator_id="111", lead_times=[5])).target_status = "suspended"
+        await sub(creator_id="111", include_hosts=True, lead_times=[120, 30, 1])
+        spaces = [
+            _space(now, "AAAAAAAAAAAAA", "111", "Rust lang weekly", hosts=["111", "222", "333"]),
+            _space(now, "BBBBBBBBBBBBB", "222", "rust", hosts=["222", "111"]),
+            _space(now, "CCCCCCCCCCCCC", "999", "gardening"),
+        ]
+        session.add_all(spaces)
+        await session.flush()
+        index = await KeywordIndexCache().get(session)
+        for include_paused in (False, True):
+            entities = await subscriptions_for_spaces(session, spaces, index, include_paused=include_paused)
+            rows = await subscription_rows_for_spaces(session, spaces, index, include_paused=include_paused)
+            assert [len(entities[s.id]) for s in spaces] == ([5, 3, 0] if include_paused else [4, 3, 0])
+            for space in spaces:
+                assert [
+                    (e.id, e.account_id, e.creator_id, e.keyword_normalized, e.include_hosts, e.webhook_endpoint_id,
+                     e.email_recipient_id, e.lead_times, e.event_types, e.paused)
+                    for e in entities[space.id]
+                ] == [
+                    (r.id, r.account_id, r.creator_id, r.keyword_normalized, r.include_hosts, r.webhook_endpoint_id,
+                     r.email_recipient_id, list(r.lead_times), list(r.event_types), r.paused)
+                    for r in rows[space.id]
+                ]
 
 
 async def test_keyword_index_cache_rebuilds_on_change(ctx: AppContext) -> None:
