@@ -395,15 +395,24 @@ class ReminderOutbox:
     # ------------------------------------------------------------------------------------------
     # Subscriptions
 
-    async def plan_subscription(self, session: AsyncSession, sub: Subscription, now: datetime) -> None:
-        """Bring the subscription's pending rows in line with it: new, changed, paused or unpaused."""
+    async def plan_subscription(
+        self, session: AsyncSession, sub: Subscription, now: datetime, *, new: bool = False
+    ) -> None:
+        """Bring the subscription's pending rows in line with it: new, changed, paused or unpaused.
+
+        `new`: created in this transaction, so it has no rows yet — only the inserts are planned,
+        none of the look-ups that bring existing rows in line (three round trips fewer per create)."""
         if sub.paused:
             await self.cancel_subscription(session, sub.id, now, Reason.paused)
             return
         spaces = await upcoming_spaces_for_subscription(session, sub, now)
+        if new and not spaces:
+            return
         matched_ids = [s.id for s in spaces]
         targets = await self._targets(session, [sub])
-        existing = await self._existing_reminders(session, subscription_id=sub.id, space_ids=matched_ids)
+        existing = (
+            {} if new else await self._existing_reminders(session, subscription_id=sub.id, space_ids=matched_ids)
+        )
         plan = _Plan()
         for space in spaces:
             self._plan_space(plan, space, [sub], existing, targets, now)
@@ -423,6 +432,8 @@ class ReminderOutbox:
                 if space_id in upcoming:
                     plan.cancels[Reason.no_longer_matches] += [r.id for r in rows if r.state in ACTIVE]
         await self._execute(session, plan, now)
+        if new:
+            return
 
         await session.execute(
             update(T)

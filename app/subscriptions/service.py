@@ -70,7 +70,7 @@ async def create_subscription(
     session.add(sub)
     await session.flush()
     # Spaces already known are matched at once, not at the next discovery cycle.
-    await (outbox or ReminderOutbox()).plan_subscription(session, sub, now)
+    await (outbox or ReminderOutbox()).plan_subscription(session, sub, now, new=True)
     return sub
 
 
