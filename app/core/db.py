@@ -37,7 +37,8 @@ class Database:
         # two per row, and the standard library's json.loads was a tenth of a list request.
         kwargs: dict[str, Any] = {"echo": echo, "json_deserializer": pydantic_core.from_json}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 30}
+            # Reset on return is ours (_configure_sqlite): a rollback only when a transaction is open.
+            kwargs.update(connect_args={"timeout": 30}, pool_reset_on_return=None)
         else:
             # skip_autocommit_rollback: a read() connection has no transaction to roll back on return.
             kwargs.update(
@@ -136,6 +137,14 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         ):
             cursor.execute(pragma)
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, _record: Any, reset_state: Any) -> None:
+        # The pool's own reset rolls back every connection it gets back, a hop to aiosqlite's thread
+        # even after a read that never began a transaction (~12% of a list request). Asking the
+        # driver whether a transaction is open costs nothing.
+        if dbapi_connection.driver_connection.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
