@@ -38,7 +38,11 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo, "json_deserializer": pydantic_core.from_json}
         if self.is_sqlite:
             # Reset on return is ours (_configure_sqlite): a rollback only when a transaction is open.
-            kwargs.update(connect_args={"timeout": 30}, pool_reset_on_return=None)
+            # Sized like PostgreSQL's pool: the default (5) made busy APIs open and close connections
+            # (a thread and four PRAGMAs each) all the time.
+            kwargs.update(
+                connect_args={"timeout": 30}, pool_reset_on_return=None, pool_size=pool_size, max_overflow=pool_size
+            )
         else:
             # skip_autocommit_rollback: a read() connection has no transaction to roll back on return.
             kwargs.update(

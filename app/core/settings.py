@@ -26,7 +26,10 @@ class Settings(BaseSettings):
         "sqlite+aiosqlite:///./spacebell.db",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db.",
     )
-    database_pool_size: int = Field(10, ge=1, le=200, description="PostgreSQL connection pool size per process.")
+    database_pool_size: int = Field(
+        10, ge=1, le=200,
+        description="Connections kept open per process, and as many more at peak (on SQLite, each is a thread).",
+    )
     migrate_on_start: bool = Field(True, description="Apply Alembic migrations when the server starts.")
     secret_key: str | None = Field(
         None,
