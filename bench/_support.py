@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -761,9 +761,10 @@ def serve_bare_api(port: int, database_url: str | None = None) -> None:
     pydantic-validated body), served like `spacebell api` serves the real app (uvicorn's Server
     under asyncio.run, on uvloop).
 
-    With `database_url`, also `GET /bare-db`: the same page after one `SELECT 1` through SQLAlchemy's
-    async engine (a pooled connection, as any database-backed route needs at least once) — what
-    one database round trip costs a FastAPI route, measured beside the real API."""
+    With `database_url`, also `GET /bare-db`: the same page after one `SELECT 1` on a pooled
+    connection of Spacebell's own engine (`app.core.db.Database`: the same pool sizes, pre-ping and
+    SQLite set-up as the API's) — what one database round trip costs a FastAPI route, measured
+    beside the real API."""
     import uvicorn
     from fastapi import FastAPI
     from pydantic import BaseModel
@@ -798,9 +799,10 @@ def serve_bare_api(port: int, database_url: str | None = None) -> None:
 
     if database_url is not None:
         from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(database_url)
+        from app.core.db import Database
+
+        engine = Database(database_url).engine
 
         @app.get("/bare-db")
         async def bare_db() -> dict[str, Any]:
@@ -867,8 +869,11 @@ def run_load(url: str, method: str, body: str | None, headers: list[str], concur
 
 async def load_run(url: str, *, method: str = "GET", body: str | None = None, headers: Sequence[str] = (),
                    concurrency: int = 16, duration: float = 5.0, warmup: float = 1.0,
-                   watch: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Run the load generator in its own process; its figures plus the CPU of the watched processes."""
+                   watch: dict[str, list[int]] | Callable[[], Awaitable[dict[str, list[int]]]] | None = None,
+                   ) -> dict[str, Any]:
+    """Run the load generator in its own process; its figures plus the CPU of the watched processes
+    (`watch` may be a coroutine function, asked after the warm-up: database backends opened during
+    the warm-up count then)."""
     args = [PYTHON, __file__, "load", "--url", url, "--method", method, "--concurrency", str(concurrency),
             "--duration", str(duration), "--warmup", str(warmup)]
     if body is not None:
@@ -877,6 +882,8 @@ async def load_run(url: str, *, method: str = "GET", body: str | None = None, he
         args += ["--header", header]
     proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE)
     await asyncio.sleep(warmup)
+    if callable(watch):
+        watch = await watch()
     meter = CpuMeter({"bench": [os.getpid()], **(watch or {})})
     meter.begin()
     out, _ = await proc.communicate()

@@ -11,7 +11,7 @@ database, no auth, no middleware — and the load generator (aiohttp on uvloop, 
 busy, its own process). Each measurement: 1 s of warm-up, then `--duration` seconds counted.
 
   list:   GET /v1/subscriptions?limit=50 (an account with 200 subscriptions) vs GET /bare; and, for
-          scale, GET /bare-db: the bare page after one `SELECT 1` through SQLAlchemy's async engine
+          scale, GET /bare-db: the bare page after one `SELECT 1` on a connection of Spacebell's engine
   create: POST /v1/subscriptions {creator_id, webhook_endpoint_id, lead_times} vs POST /bare (same
           body, validated by pydantic); every create inserts a subscription (and matches it against
           stored Spaces) — the account grows by thousands during the run.
@@ -124,8 +124,9 @@ def line(label: str, api: dict[str, Any], bare: dict[str, Any]) -> str:
         f"  {label:<7} API {api['rate']:8,.0f} req/s, p50 {api['p50_ms']:6.1f} ms, p99 {api['p99_ms']:6.1f} ms | bare "
         f"{bare['rate']:8,.0f} req/s, p99 {bare['p99_ms']:6.1f} ms | ratio {api['rate'] / bare['rate']:.2f} "
         f"(target >= 0.5: {'met' if api['rate'] / bare['rate'] >= 0.5 else 'NOT met'}); API server "
-        f"{api['cpu']['server']:.2f} cores, database {api['cpu'].get('database', 0):.2f}, load generator "
-        f"{api['cpu']['load']:.2f}, others {api['cpu']['others']:.2f}"
+        f"{api['cpu']['server']:.2f} cores ({api['cpu']['server'] / api['rate'] * 1e6:,.0f} µs a request, bare "
+        f"{bare['cpu']['server'] / bare['rate'] * 1e6:,.0f} µs), database {api['cpu'].get('database', 0):.2f}, "
+        f"load generator {api['cpu']['load']:.2f}, others {api['cpu']['others']:.2f}"
         + (f" [non-2xx: {errors}]" if errors else "")
     )
 
@@ -151,18 +152,19 @@ async def run(args: argparse.Namespace) -> None:
                     return {"server": [server.proc.pid], "database": await db.backend_pids()}
 
                 print(f"\n{kind}: {args.concurrency} connections, {args.duration:g} s per measurement", flush=True)
-                bare_get = await load_run(bare.base + "/bare", watch=await watched(bare), **common)
+                bare_get = await load_run(bare.base + "/bare", watch=lambda: watched(bare), **common)
                 api_list = await load_run(api.base + "/v1/subscriptions?limit=50", headers=[auth],
-                                          watch=await watched(api), **common)
+                                          watch=lambda: watched(api), **common)
                 print(line("list", api_list, bare_get), flush=True)
-                bare_db = await load_run(bare.base + "/bare-db", watch=await watched(bare), **common)
-                print(f"  (bare + one SELECT 1 through SQLAlchemy: {bare_db['rate']:,.0f} req/s, p99 "
+                bare_db = await load_run(bare.base + "/bare-db", watch=lambda: watched(bare), **common)
+                print(f"  (bare + one SELECT 1 on Spacebell's engine: {bare_db['rate']:,.0f} req/s, p99 "
                       f"{bare_db['p99_ms']:.1f} ms, {bare_db['rate'] / bare_get['rate']:.2f} of bare; the API list is "
                       f"{api_list['rate'] / bare_db['rate']:.2f} of it)", flush=True)
-                bare_post = await load_run(bare.base + "/bare", method="POST", body=body, watch=await watched(bare),
-                                           **common)
+                bare_post = await load_run(
+                    bare.base + "/bare", method="POST", body=body, watch=lambda: watched(bare), **common
+                )
                 api_create = await load_run(api.base + "/v1/subscriptions", method="POST", body=body,
-                                            headers=[auth], watch=await watched(api), **common)
+                                            headers=[auth], watch=lambda: watched(api), **common)
                 print(line("create", api_create, bare_post), flush=True)
             finally:
                 api.stop()
