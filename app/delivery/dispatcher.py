@@ -164,6 +164,7 @@ class Dispatcher:
         self.totals: Counter[str] = Counter()  # final state (or retry/deferred) of every claimed row
         self._sent = 0
         self._result_metric: dict[tuple[str, str], Any] = {}
+        self._tally: dict[tuple[str, str], int] = {}
         self._lateness_metric = {channel: m.lateness.labels(channel=channel) for channel in ("webhook", "email")}
         self._next_reclaim: datetime | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -542,21 +543,24 @@ class Dispatcher:
         disable_reason = result.error if result.disable_endpoint else None
         if disable_reason:
             self._disabled[endpoint.id] = (disable_reason, None)
-        if not result.delivered:
+        delivered = result.delivered
+        if not delivered:
             m.endpoint_failures.labels(outcome=outcome).inc()
             log.info(
                 "webhook attempt %d of %s: %s", row.attempts, row.id, result.error or outcome,
                 extra=_ids(row) | {"endpoint_id": endpoint.id},
             )
-        elif self._throttled.get(endpoint.id, sent_at) < sent_at:
+        elif self._throttled and self._throttled.get(endpoint.id, sent_at) < sent_at:
             self._throttled.pop(endpoint.id, None)
         # A success only needs writing when it ends a failure streak or a throttle.
-        was_failing = endpoint.failing_since or endpoint.throttled_until or self._failed_recently(endpoint.id)
-        if not result.delivered or was_failing:
+        was_failing = (
+            endpoint.failing_since or endpoint.throttled_until or (self._failing and self._failed_recently(endpoint.id))
+        )
+        if not delivered or was_failing:
             self._endpoint_outcomes[endpoint.id] = EndpointOutcome(
-                endpoint.id, sent_at, result.delivered, throttled_until, disable_reason
+                endpoint.id, sent_at, delivered, throttled_until, disable_reason
             )
-            if not result.delivered:
+            if not delivered:
                 self._failing.add(endpoint.id)
         self._finish(job, completion, attempt)
 
@@ -628,18 +632,26 @@ class Dispatcher:
         if result == S.pending:
             result = "retry" if attempt is not None else "deferred"
         self.totals[result] += 1
-        metric = self._result_metric.get((row.channel, result))
-        if metric is None:
-            metric = m.deliveries.labels(channel=row.channel, result=result)
-            self._result_metric[(row.channel, result)] = metric
-        metric.inc()
+        # Tallied here, added to the Prometheus counter once per batch of results (_take_results):
+        # a counter increment takes a lock and checks, several times the cost of a dict update.
+        key = (row.channel, result)
+        self._tally[key] = self._tally.get(key, 0) + 1
         if completion.state in (S.failed, S.expired) and completion.reason:
             log.info("notification %s %s: %s", row.id, completion.state, completion.reason, extra=_ids(row))
         self._flush_needed.set()
         if len(self._in_hand) == self.capacity - self.batch_size:
             self._wake.set()
 
+    def _count_results(self) -> None:
+        tally, self._tally = self._tally, {}
+        for (channel, result), count in tally.items():
+            metric = self._result_metric.get((channel, result))
+            if metric is None:
+                metric = self._result_metric[(channel, result)] = m.deliveries.labels(channel=channel, result=result)
+            metric.inc(count)
+
     def _take_results(self) -> _Results:
+        self._count_results()
         taken = _Results(self._completions, self._attempts, list(self._endpoint_outcomes.values()))
         self._completions, self._attempts, self._endpoint_outcomes = [], [], {}
         self._flushing += 1

@@ -11,12 +11,12 @@ import json
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, case, event, func, or_, select, text, update
+from sqlalchemy import Text, bindparam, case, event, func, or_, select, text, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.clock import utc
@@ -30,6 +30,7 @@ from app.delivery.models import (
     NotificationState,
     WebhookEndpoint,
 )
+from app.delivery.wake import notify_on_commit
 from app.delivery.webhooks import format_utc
 from app.spaces.models import Creator, Space, SpaceEvent, SpaceEventKind, SpaceState
 from app.subscriptions.matching import (
@@ -244,6 +245,10 @@ class _Plan:
 
 def _next_attempt(row: ClaimedRow) -> datetime:
     return row.next_attempt_at
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo is UTC else utc(value)
 
 
 def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -796,14 +801,21 @@ class ReminderOutbox:
                     "expires": now + self.lease, "now": now, "pending": S.pending, "sending": S.sending,
                 },
             )
+            # Untyped columns: asyncpg decodes JSON and gives aware UTC datetimes, so the typed result
+            # processors only repeated that work on every column of every row.
             context = SendContext()
+            spaces, endpoints = context.spaces, context.endpoints
             rows = []
             for r in result:
-                rows.append(ClaimedRow(*r[:15], token))
-                if r[15] is not None and r[15] not in context.spaces:
-                    context.spaces[r[15]] = SpaceFacts(*r[15:22])
-                if r[22] is not None and r[22] not in context.endpoints:
-                    context.endpoints[r[22]] = EndpointFacts(*r[22:30])
+                row = ClaimedRow(*r[:15], token)
+                row.due_at, row.next_attempt_at, row.expires_at = _aware(r[11]), _aware(r[12]), _aware(r[13])
+                rows.append(row)
+                if r[15] is not None and r[15] not in spaces:
+                    space = spaces[r[15]] = SpaceFacts(*r[15:22])
+                    space.scheduled_start, space.started_at = _aware(r[18]), _aware(r[19])
+                if r[22] is not None and r[22] not in endpoints:
+                    endpoint = endpoints[r[22]] = EndpointFacts(*r[22:30])
+                    endpoint.throttled_until, endpoint.failing_since = _aware(r[27]), _aware(r[28])
             rows.sort(key=_next_attempt)
             return ClaimedBatch(token, rows, context)
         due = (
@@ -821,11 +833,32 @@ class ReminderOutbox:
             )
             .returning(
                 N.id, N.account_id, N.subscription_id, N.space_id, N.kind, N.channel, N.webhook_endpoint_id,
-                N.email_recipient_id, N.lead_time_minutes, N.space_revision, N.payload, N.due_at,
-                N.next_attempt_at, N.expires_at, N.attempts,
+                N.email_recipient_id, N.lead_time_minutes, N.space_revision, type_coerce(N.payload, Text),
+                type_coerce(N.due_at, Text), type_coerce(N.next_attempt_at, Text), type_coerce(N.expires_at, Text),
+                N.attempts,
             )
         )
-        rows = [ClaimedRow(*r, token) for r in await session.execute(stmt)]
+        # Times come back as SQLite's text and are parsed here once per distinct value: the rows of a
+        # batch mostly share their due times.
+        parsed: dict[str, datetime] = {}
+
+        def when(value: str | None) -> datetime | None:
+            if value is None:
+                return None
+            moment = parsed.get(value)
+            if moment is None:
+                moment = parsed[value] = utc(datetime.fromisoformat(value))
+            return moment
+
+        rows = []
+        for r in await session.execute(stmt):
+            row = ClaimedRow(*r, token)
+            if row.payload is not None:
+                row.payload = json.loads(row.payload)  # type: ignore[arg-type]
+            row.due_at, row.next_attempt_at, row.expires_at = (  # type: ignore[assignment]
+                when(r[11]), when(r[12]), when(r[13])
+            )
+            rows.append(row)
         rows.sort(key=_next_attempt)
         return ClaimedBatch(token, rows)
 
@@ -884,10 +917,11 @@ class ReminderOutbox:
             if postgres:
                 result = await session.execute(_PG_COMPLETE, _completion_arrays(chunk, now))
             else:
+                dt = _sqlite_dt_memo()
                 rows = [
                     [
-                        c.id, c.lease_token, c.state, _clean(c.reason, 300), _sqlite_dt(c.next_attempt_at),
-                        c.attempts, _clean(c.last_error, 2000), _sqlite_dt(c.delivered_at), 1 if c.late else 0,
+                        c.id, c.lease_token, c.state, _clean(c.reason, 300), dt(c.next_attempt_at),
+                        c.attempts, _clean(c.last_error, 2000), dt(c.delivered_at), 1 if c.late else 0,
                     ]
                     for c in chunk
                 ]
@@ -904,9 +938,10 @@ class ReminderOutbox:
             if postgres:
                 await session.execute(_PG_ATTEMPTS, _attempt_arrays(chunk))
             else:
+                dt = _sqlite_dt_memo()
                 rows = [
                     [
-                        a.notification_id, a.attempt, _sqlite_dt(a.started_at), a.latency_ms, a.outcome,
+                        a.notification_id, a.attempt, dt(a.started_at), a.latency_ms, a.outcome,
                         a.status_code, _clean(a.error, 2000), _clean(a.response_excerpt, 1024),
                     ]
                     for a in chunk
@@ -1191,8 +1226,6 @@ def outbox_for(ctx: Any) -> ReminderOutbox:
 def wake_dispatcher_after_commit(session: AsyncSession, ctx: Any) -> None:
     """Poke this process's dispatcher once the session commits, so new rows are visible when it looks;
     on PostgreSQL also the workers of other processes, by a NOTIFY sent with the commit."""
-    from app.delivery.wake import notify_on_commit
-
     notify_on_commit(session, ctx)
     dispatcher = ctx.components.get("dispatcher")
     if dispatcher is None:
@@ -1204,8 +1237,24 @@ def _sqlite_dt(value: datetime | None) -> str | None:
     """The text SQLAlchemy's SQLite DateTime stores (naive UTC), for rows passed as JSON."""
     if value is None:
         return None
-    value = utc(value)
+    if value.tzinfo is not UTC:
+        value = utc(value)
     return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _sqlite_dt_memo() -> Callable[[datetime | None], str | None]:
+    """`_sqlite_dt` remembering its answers: the rows of a batch share a few times (those fired together)."""
+    seen: dict[datetime, str | None] = {}
+
+    def convert(value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        text = seen.get(value)
+        if text is None:
+            text = seen[value] = _sqlite_dt(value)
+        return text
+
+    return convert
 
 
 _PG_COMPLETE_SQL = """
@@ -1233,11 +1282,9 @@ _PG_COMPLETE = text(_PG_COMPLETE_SQL).bindparams(bindparam("now", type_=UTCDateT
 # probes whatever the table's size: a join against a CTE or `unnest()`, or `IN (subquery)`, is often
 # planned as a hash join over a sequential scan of the whole table (every claim and every result
 # batch then reads every row). The claim locks its rows in the ARRAY() subquery (an InitPlan,
-# evaluated once), as the MATERIALIZED CTE did, and returns each row with the facts of its Space and
-# webhook endpoint (what `load_context` would read next): under load every round trip waits behind
-# the event loop's HTTP work, and the claim's round trips bound the dispatcher's rate.
-_SPACE = Space.__table__.c
-_ENDPOINT = WE.c
+# evaluated once), as the MATERIALIZED CTE did, and returns the facts of each row's Space and webhook
+# endpoint (what `load_context` would read next): under load every round trip waits behind the event
+# loop's HTTP work, and the claim's round trips bound the dispatcher's rate.
 _PG_CLAIM = (
     text(
         """
@@ -1270,15 +1317,6 @@ LEFT JOIN webhook_endpoint AS e ON e.id = c.webhook_endpoint_id
         bindparam("horizon", type_=UTCDateTime()),
         bindparam("expires", type_=UTCDateTime()),
         bindparam("now", type_=UTCDateTime()),
-    )
-    .columns(
-        N.id, N.account_id, N.subscription_id, N.space_id, N.kind, N.channel, N.webhook_endpoint_id,
-        N.email_recipient_id, N.lead_time_minutes, N.space_revision, N.payload, N.due_at, N.next_attempt_at,
-        N.expires_at, N.attempts,
-        _SPACE.id, _SPACE.title, _SPACE.state, _SPACE.scheduled_start, _SPACE.started_at, _SPACE.creator_id,
-        Creator.__table__.c.username,
-        _ENDPOINT.id, _ENDPOINT.url, _ENDPOINT.secret, _ENDPOINT.enabled, _ENDPOINT.disabled_reason,
-        _ENDPOINT.throttled_until, _ENDPOINT.failing_since, _ENDPOINT.event_types,
     )
 )
 
