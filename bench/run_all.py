@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "fanout": ("bench_fanout.py", ["--quick"]),
     "matching": ("bench_matching.py", ["--subscriptions", "20000", "--spaces", "2000"]),
     "api": ("bench_api.py", ["--quick"]),
+    "api-cost": ("bench_api_cost.py", ["--db", "sqlite", "--requests", "300"]),
     "rss": ("bench_rss.py", ["--quick"]),
     "clients": ("bench_http_clients.py", ["--quick"]),
 }
