@@ -233,6 +233,27 @@ def check_webhooks(world: World, received: Sequence[ReceivedWebhook], *, deliver
     return WebhookTally(len(ok), len(per_id), sum(n - 1 for n in per_id.values()), per_id)
 
 
+def check_after_crashes(
+    world: World,
+    received: Sequence[ReceivedWebhook],
+    rows: dict[str, dict[str, Any]],
+    log: dict[str, list[tuple[int, str, int | None, str | None]]],
+    orphaned: Sequence[set[str]],
+) -> WebhookTally:
+    """What every crash drill ends with: each webhook arrived (duplicates with their original's id),
+    the rows a killed process held were delivered, a row sent n times was claimed at least n times,
+    and every delivery has a delivered attempt in the log."""
+    tally = check_webhooks(world, received)
+    undelivered = [nid for nid in set().union(*orphaned) if rows[nid]["state"] != "delivered"]
+    assert not undelivered, f"{len(undelivered)} rows a killed process held were not delivered: {undelivered[:5]}"
+    for nid, n in tally.per_id.items():
+        if n > 1:
+            assert rows[nid]["attempts"] >= n, (nid, n, rows[nid])
+    no_log = [nid for nid in world.notification_ids if not any(o == "delivered" for _a, o, _c, _e in log[nid])]
+    assert not no_log, f"{len(no_log)} delivered notifications have no delivered attempt logged"
+    return tally
+
+
 # ---------------------------------------------------------------------------------------------
 # `spacebell` processes
 

@@ -18,7 +18,7 @@ from tests.conftest import TABLES, _pg_admin_db
 from tests.drills.support import (
     SpacebellProcess,
     attempt_log,
-    check_webhooks,
+    check_after_crashes,
     notification_rows,
     process_env,
     rows_leased_by,
@@ -108,16 +108,7 @@ async def test_sigkill_workers_mid_batch_loses_nothing(pg_database: str, tmp_pat
     finally:
         await db.dispose()
     assert all(r["lease_token"] is None for r in rows.values())
-    tally = check_webhooks(world, received)
-    for nid in set().union(*orphaned):
-        assert rows[nid]["state"] == "delivered"
-    # A notification sent more than once was claimed more than once, and each send used the same id.
-    for nid, n in tally.per_id.items():
-        if n > 1:
-            assert rows[nid]["attempts"] >= n, (nid, n, rows[nid])
-    # Every delivery was recorded by the worker that made it: one delivered attempt at least.
-    no_log = [nid for nid in world.notification_ids if not any(o == "delivered" for _a, o, _c, _e in log[nid])]
-    assert not no_log, f"{len(no_log)} delivered notifications have no delivered attempt logged"
+    tally = check_after_crashes(world, received, rows, log, orphaned)
     print(
         f"\n[crash drill postgres] {total} notifications, {WORKERS} workers, {KILLS} SIGKILLs + 1 SIGTERM "
         f"(orphaned rows per kill: {[len(o) for o in orphaned]}), {tally.requests} webhook requests, "

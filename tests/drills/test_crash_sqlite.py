@@ -22,7 +22,7 @@ from tests.drills.support import (
     CREATOR,
     SpacebellProcess,
     attempt_log,
-    check_webhooks,
+    check_after_crashes,
     notification_rows,
     process_env,
     rows_leased_by,
@@ -133,13 +133,7 @@ async def test_sigkill_the_whole_service_on_sqlite_loses_nothing(sqlite_template
     finally:
         await db.dispose()
     assert counts == {"delivered": total}, counts
-    tally = check_webhooks(world, received)
-    assert all(rows[nid]["state"] == "delivered" for nid in set().union(*orphaned))
-    for nid, n in tally.per_id.items():
-        if n > 1:
-            assert rows[nid]["attempts"] >= n, (nid, n, rows[nid])
-    no_log = [nid for nid in world.notification_ids if not any(o == "delivered" for _a, o, _c, _e in log[nid])]
-    assert not no_log, f"{len(no_log)} delivered notifications have no delivered attempt logged"
+    tally = check_after_crashes(world, received, rows, log, orphaned)
     print(
         f"\n[crash drill sqlite] {total} notifications, `spacebell serve` SIGKILLed {KILLS} times + 1 SIGTERM "
         f"(orphaned rows per kill: {[len(o) for o in orphaned]}), {tally.requests} webhook requests, "

@@ -34,22 +34,10 @@ from app.x.client import XClient
 from app.x.sim import RunningSim, SimState, create_sim_app, running_sim
 from tests.drills.support import World, check_webhooks
 from tests.support.receivers import WebhookReceiver
+from tests.x.helpers import TOKEN, RecordingSleep
 
-TOKEN = "sim-token"
 X_ENDPOINTS = ("spaces_by_creator", "spaces_search", "spaces_lookup", "users_by")
 STORM_CYCLES = 4
-
-
-class ClockSleep:
-    """The XClient's sleep: moves the shared ManualClock instead of waiting."""
-
-    def __init__(self, clock: ManualClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
 
 
 def x_calls(status: str) -> float:
@@ -85,7 +73,7 @@ async def test_x_error_storm_loses_no_space(
     ctx: AppContext, clock: ManualClock, sim: RunningSim, sim_state: SimState, storm: str
 ) -> None:
     ctx.settings.x_api_base_url = sim.base_url
-    sleep = ClockSleep(clock)
+    sleep = RecordingSleep(clock)
     client = XClient(
         sim.base_url, TOKEN, clock=clock, sleep=sleep,
         by_creator_min_interval=ctx.settings.x_by_creator_min_interval_seconds,
