@@ -39,10 +39,10 @@ class KeyRateLimiter:
 class VerifiedKeyCache:
     """Keys this process checked against the database lately: (key id, account id) by token digest.
 
-    A request with a cached key costs no database round trip. The price is that a key revoked by
-    another process (the CLI, another API replica) keeps working here for up to `ttl`; a key
-    revoked through this process is dropped at once (`forget_account`). Only keys that passed are
-    kept, so unknown keys cannot fill it; it holds at most `max_entries`, least recently used out.
+    A request with a cached key costs no database round trip. The price is that a revoked key (keys
+    are revoked with `spacebell accounts revoke-key`, another process) keeps working here for up to
+    `ttl`. Only keys that passed are kept, so unknown keys cannot fill it; it holds at most
+    `max_entries`, least recently used out.
     """
 
     def __init__(self, ttl: timedelta, max_entries: int = 10_000) -> None:
@@ -71,9 +71,6 @@ class VerifiedKeyCache:
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def _unauthorized(detail: str) -> ProblemError:
