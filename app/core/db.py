@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import fcntl
 import os
@@ -57,10 +56,6 @@ class Database:
             self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
         )
         self._writer_lock_fd: int | None = None
-        # SQLite has one writer at a time. Writers of this process queue here, in order, instead of in
-        # SQLite's busy handler, which polls with sleeps of up to 100 ms: with 16 concurrent creates
-        # that made p99 latency 1.3 s.
-        self._sqlite_writer = asyncio.Lock()
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -83,17 +78,12 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A session in a write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
-        if self.is_sqlite:
-            async with self._sqlite_writer:
-                token = _sqlite_begin.set("BEGIN IMMEDIATE")
-                try:
-                    async with self._sessions() as session, session.begin():
-                        yield session
-                finally:
-                    _sqlite_begin.reset(token)
-            return
-        async with self._sessions() as session, session.begin():
-            yield session
+        token = _sqlite_begin.set("BEGIN IMMEDIATE")
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        finally:
+            _sqlite_begin.reset(token)
 
     def acquire_writer_lock(self) -> None:
         """SQLite supports one writing process: refuse to start a second against the same file."""

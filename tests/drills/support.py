@@ -359,7 +359,9 @@ class SpacebellProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-                raise AssertionError(f"{self.name} did not stop within {timeout}s of SIGTERM") from None
+                raise AssertionError(
+                    f"{self.name} did not stop within {timeout}s of SIGTERM\n{self.log()[-3000:]}"
+                ) from None
         assert self.proc.returncode is not None
         return self.proc.returncode
 
